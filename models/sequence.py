@@ -1,0 +1,115 @@
+"""Token-sequence models: a character LSTM and a small Transformer encoder, both Opacus-ready.
+
+torch's nn.LSTM fuses its weights in a way Opacus cannot split per example; opacus.layers.DPLSTM
+computes the same function from nn.Linear pieces, which Opacus's per-sample gradient rules support.
+Self-attention is written here from nn.Linear for the same reason (opacus.layers.DPMultiheadAttention
+would also do, but it fails on the empty batches that Poisson sampling produces).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from opacus.layers import DPLSTM
+from torch import nn
+
+from models.registry import register_model
+from models.task import ModelError, TaskSpec
+
+
+class CharLSTM(nn.Module):
+    """Embedding -> 2-layer LSTM -> Linear on the last time step (next-character logits)."""
+
+    def __init__(self, vocab_size: int, num_classes: int, embed_dim: int = 8, hidden: int = 256) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(vocab_size, embed_dim)
+        self.lstm = DPLSTM(embed_dim, hidden, num_layers=2, batch_first=True)
+        self.head = nn.Linear(hidden, num_classes)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        output, _ = self.lstm(self.embedding(tokens))
+        return self.head(output[:, -1, :])
+
+
+@register_model("lstm", kinds=("sequence",))
+def build_lstm(spec: TaskSpec) -> nn.Module:
+    assert spec.vocab_size is not None  # guaranteed by kind == "sequence"
+    return CharLSTM(spec.vocab_size, spec.num_classes)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention built from nn.Linear, so Opacus takes per-example gradients."""
+
+    def __init__(self, d_model: int, heads: int) -> None:
+        super().__init__()
+        if d_model % heads:
+            raise ModelError(f"d_model {d_model} is not divisible by heads {heads}; pick a divisor of it")
+        self.heads = heads
+        self.qkv = nn.Linear(d_model, 3 * d_model)
+        self.out = nn.Linear(d_model, d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, length, d_model = x.shape
+        # Explicit sizes, no -1: reshapes that infer a size fail on an empty batch.
+        qkv = self.qkv(x).view(batch, length, 3, self.heads, d_model // self.heads)
+        query, key, value = qkv.permute(2, 0, 3, 1, 4)  # each (batch, heads, length, head_dim)
+        attended = F.scaled_dot_product_attention(query, key, value)
+        return self.out(attended.transpose(1, 2).reshape(batch, length, d_model))
+
+
+class EncoderLayer(nn.Module):
+    """Pre-norm Transformer encoder layer: x + attn(LN(x)), then x + MLP(LN(x))."""
+
+    def __init__(self, d_model: int, heads: int, ff_dim: int) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(d_model)
+        self.attention = SelfAttention(d_model, heads)
+        self.norm2 = nn.LayerNorm(d_model)
+        self.feed_forward = nn.Sequential(nn.Linear(d_model, ff_dim), nn.GELU(), nn.Linear(ff_dim, d_model))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attention(self.norm1(x))
+        return x + self.feed_forward(self.norm2(x))
+
+
+class TransformerClassifier(nn.Module):
+    """Token + learned position embeddings, encoder layers, LayerNorm, mean pool over time, Linear."""
+
+    def __init__(
+        self,
+        vocab_size: int,
+        max_len: int,
+        num_classes: int,
+        d_model: int = 64,
+        heads: int = 4,
+        layers: int = 2,
+        ff_dim: int = 128,
+    ) -> None:
+        super().__init__()
+        self.max_len = max_len
+        self.token_embedding = nn.Embedding(vocab_size, d_model)
+        # Positions as an nn.Embedding (not a bare nn.Parameter) so Opacus has a per-sample grad rule.
+        self.position_embedding = nn.Embedding(max_len, d_model)
+        self.layers = nn.Sequential(*(EncoderLayer(d_model, heads, ff_dim) for _ in range(layers)))
+        self.norm = nn.LayerNorm(d_model)
+        self.head = nn.Linear(d_model, num_classes)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        batch, length = tokens.shape
+        if length > self.max_len:
+            raise ModelError(
+                f"sequence length {length} exceeds the model's max length {self.max_len}; "
+                "truncate inputs or build the model with a TaskSpec of the longer length"
+            )
+        # One row of positions per example, so Opacus takes the position table's gradient per example;
+        # contiguous because Opacus's ghost-clipping rule for embeddings calls .view on the indices.
+        positions = torch.arange(length, device=tokens.device).expand(batch, length).contiguous()
+        x = self.token_embedding(tokens) + self.position_embedding(positions)
+        x = self.norm(self.layers(x))
+        return self.head(x.mean(dim=1))
+
+
+@register_model("transformer", kinds=("sequence",))
+def build_transformer(spec: TaskSpec) -> nn.Module:
+    assert spec.vocab_size is not None  # guaranteed by kind == "sequence"
+    return TransformerClassifier(spec.vocab_size, spec.input_shape[0], spec.num_classes)

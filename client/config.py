@@ -1,0 +1,129 @@
+"""The data owner's two configs: which data (DataConfig) and how to train on it (TrainConfig).
+
+Both are read from Flower's flat run config (hyphenated keys, as in `[tool.flwr.app.config]`), validated
+once at the edge, and never read key by key elsewhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")
+
+
+class ConfigError(ValueError):
+    """A config value that cannot be used; the message names the key, the value and what is allowed."""
+
+
+def _get(rc: Mapping[str, Any], defaults: Mapping[str, Any], key: str) -> Any:
+    return rc.get(key, defaults[key])
+
+
+def _positive(key: str, value: Any, *, kind: type = float, allow_zero: bool = False) -> Any:
+    try:
+        number = kind(value)
+        if kind is int and number != float(value):
+            raise ValueError
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key} = {value!r} is not {'an integer' if kind is int else 'a number'}") from None
+    if number < 0 or (number == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ConfigError(f"{key} = {value!r} is out of range; it must be {bound}")
+    return number
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which data a client trains on: a named dataset split into partitions, or (deployment) its own file."""
+
+    dataset: str = "fashion-mnist"
+    data_dir: str = ""
+    partition: str = "iid"
+    num_clients: int = 10
+    holdout_fraction: float = 0.1
+    seed: int = 42
+
+    DEFAULTS: ClassVar[dict[str, Any]] = {
+        "dataset": "fashion-mnist",
+        "data-dir": "",
+        "partition": "iid",
+        "num-clients": 10,
+        "holdout-fraction": 0.1,
+        "seed": 42,
+    }
+
+    def __post_init__(self) -> None:
+        # Imported here so that `client.config` stays importable without the data stack.
+        from client.datasets import DATASETS
+        from client.partitions import parse_partition
+
+        if self.dataset not in DATASETS:
+            raise ConfigError(f"unknown dataset {self.dataset!r}; choose one of: {', '.join(DATASETS)}")
+        parse_partition(self.partition)
+        if self.num_clients < 1:
+            raise ConfigError(f"num-clients = {self.num_clients} is out of range; it must be >= 1")
+        if not 0.0 <= self.holdout_fraction < 1.0:
+            raise ConfigError(f"holdout-fraction = {self.holdout_fraction} is out of range; it must be in [0, 1)")
+
+    @classmethod
+    def from_run_config(cls, rc: Mapping[str, Any]) -> DataConfig:
+        d = cls.DEFAULTS
+        return cls(
+            dataset=str(_get(rc, d, "dataset")),
+            data_dir=str(_get(rc, d, "data-dir")),
+            partition=str(_get(rc, d, "partition")),
+            num_clients=_positive("num-clients", _get(rc, d, "num-clients"), kind=int),
+            holdout_fraction=_positive("holdout-fraction", _get(rc, d, "holdout-fraction"), allow_zero=True),
+            seed=_positive("seed", _get(rc, d, "seed"), kind=int, allow_zero=True),
+        )
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Local training on one client, the same for a federated client and the centralized baseline."""
+
+    model: str = "cnn"
+    optimizer: str = "sgd"
+    learning_rate: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    local_epochs: int = 1
+    batch_size: int = 64
+    proximal_mu: float = 0.0
+
+    DEFAULTS: ClassVar[dict[str, Any]] = {
+        "model": "cnn",
+        "optimizer": "sgd",
+        "learning-rate": 0.05,
+        "momentum": 0.9,
+        "weight-decay": 0.0,
+        "local-epochs": 1,
+        "batch-size": 64,
+        "proximal-mu": 0.0,
+    }
+
+    def __post_init__(self) -> None:
+        from models import model_names
+
+        if self.model not in model_names():
+            raise ConfigError(f"unknown model {self.model!r}; choose one of: {', '.join(model_names())}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"unknown optimizer {self.optimizer!r}; choose one of: {', '.join(OPTIMIZERS)}")
+        if self.momentum >= 1.0:
+            raise ConfigError(f"momentum = {self.momentum} is out of range; it must be in [0, 1)")
+
+    @classmethod
+    def from_run_config(cls, rc: Mapping[str, Any]) -> TrainConfig:
+        d = cls.DEFAULTS
+        return cls(
+            model=str(_get(rc, d, "model")),
+            optimizer=str(_get(rc, d, "optimizer")).lower(),
+            learning_rate=_positive("learning-rate", _get(rc, d, "learning-rate")),
+            momentum=_positive("momentum", _get(rc, d, "momentum"), allow_zero=True),
+            weight_decay=_positive("weight-decay", _get(rc, d, "weight-decay"), allow_zero=True),
+            local_epochs=_positive("local-epochs", _get(rc, d, "local-epochs"), kind=int),
+            batch_size=_positive("batch-size", _get(rc, d, "batch-size"), kind=int),
+            proximal_mu=_positive("proximal-mu", _get(rc, d, "proximal-mu"), allow_zero=True),
+        )

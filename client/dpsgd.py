@@ -1,0 +1,95 @@
+"""Sample-level DP on a client: one round of Opacus DP-SGD with Poisson sampling.
+
+A fresh model object and a fresh PrivacyEngine every round (Opacus cannot wrap a module twice); the privacy
+history does not live in the engine but in the client's ledger (privacy.PrivacyLedger), which composes every
+round. Opacus' own accountant is therefore never read.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from opacus import PrivacyEngine
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from client.config import TrainConfig
+from client.training import make_optimizer
+
+# Ghost clipping computes per-example gradient norms without materialising per-example gradients: exact
+# (the same clipped gradient as "hooks") and the fastest mode on the CNN here (benchmarks/dp_modes.py).
+# It supports Linear, Conv, Embedding and the norm layers; a model with other trainable layers (DPLSTM)
+# falls back to hooks.
+FAST_MODE = "ghost"
+FALLBACK_MODE = "hooks"
+
+
+@dataclass(frozen=True)
+class DPPlan:
+    """What one round of DP-SGD on this client will spend: Poisson rate q and the number of steps."""
+
+    sample_rate: float
+    steps: int
+
+    @classmethod
+    def for_round(cls, num_examples: int, batch_size: int, local_epochs: int) -> DPPlan:
+        # Opacus sets q = 1 / len(loader) = 1 / ceil(n / B); the ledger must record exactly that.
+        batches = max(1, math.ceil(num_examples / batch_size))
+        return cls(sample_rate=1.0 / batches, steps=local_epochs * batches)
+
+
+def grad_sample_mode_for(model: nn.Module) -> str:
+    supported = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding, nn.LayerNorm, nn.GroupNorm)
+    for module in model.modules():
+        has_own_params = any(True for _ in module.parameters(recurse=False))
+        if has_own_params and not isinstance(module, supported):
+            return FALLBACK_MODE
+    return FAST_MODE
+
+
+def train_private(model: nn.Module, x: np.ndarray, y: np.ndarray, cfg: TrainConfig, *, noise_multiplier: float,
+                  max_grad_norm: float, seed: int, grad_sample_mode: str | None = None) -> dict[str, float]:
+    """One round of DP-SGD; trains `model` in place (its own keys, no `_module.` prefix)."""
+    dataset = TensorDataset(torch.from_numpy(x), torch.from_numpy(y))
+    loader = DataLoader(dataset, batch_size=cfg.batch_size, generator=torch.Generator().manual_seed(seed))
+    optimizer = make_optimizer(model.parameters(), cfg)
+    mode = grad_sample_mode or grad_sample_mode_for(model)
+    engine = PrivacyEngine(accountant="rdp")
+    criterion = nn.CrossEntropyLoss()
+    with warnings.catch_warnings():
+        # Opacus warns about secure RNG on every call; fedpriv's report states which RNG was used instead.
+        warnings.simplefilter("ignore")
+        private = engine.make_private(
+            module=model, optimizer=optimizer, criterion=criterion, data_loader=loader,
+            noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm, poisson_sampling=True,
+            noise_generator=torch.Generator().manual_seed(seed + 1), grad_sample_mode=mode,
+        )
+    if mode == "ghost":
+        wrapped, dp_optimizer, criterion, dp_loader = private
+    else:
+        wrapped, dp_optimizer, dp_loader = private
+    wrapped.train()
+    total_loss, correct, seen, steps = 0.0, 0, 0, 0
+    for _ in range(cfg.local_epochs):
+        for xb, yb in dp_loader:
+            dp_optimizer.zero_grad(set_to_none=True)
+            if len(yb) == 0:
+                # Poisson sampling can draw an empty batch; it still counts as a step (noise only).
+                dp_optimizer.step()
+                steps += 1
+                continue
+            logits = wrapped(xb)
+            loss = criterion(logits, yb)
+            loss.backward()
+            dp_optimizer.step()
+            steps += 1
+            total_loss += float(loss) * len(yb)
+            correct += int((logits.argmax(1) == yb).sum())
+            seen += len(yb)
+    if hasattr(wrapped, "_close"):
+        wrapped._close()  # removes Opacus' hooks so the plain module is left as it was
+    return {"loss": total_loss / max(seen, 1), "accuracy": correct / max(seen, 1), "steps": float(steps)}

@@ -1,0 +1,220 @@
+"""fedpriv's round loop around a Flower strategy.
+
+Flower's `Strategy.start` runs rounds 1..R with its own node sampling. fedpriv keeps Flower's strategies for
+everything they do (configure, aggregate) but runs the loop itself, because it needs what `start` cannot give:
+sampling by client id from a seeded generator (the same clients on every engine, and a resumed run samples
+what an uninterrupted one would), Poisson client sampling for user-level DP, checks that drop a bad update
+instead of failing the round, refusals from a client's budget guard, and a record written after every round.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from server.checks import update_problem
+
+log = logging.getLogger("fedpriv")
+
+QUERY = "query"
+
+
+def client_id_of(reply: Message) -> str | None:
+    if reply.has_error() or "meta" not in reply.content.config_records:
+        return None
+    return str(reply.content.config_records["meta"].get("client-id"))
+
+
+class ClientDirectory:
+    """node id <-> client id. Client ids are the data owners' names; node ids change when a node reconnects."""
+
+    def __init__(self) -> None:
+        self.by_node: dict[int, str] = {}
+
+    def refresh(self, grid: Grid, timeout: float) -> None:
+        """Ask every node not yet known who it is (one `query` message each)."""
+        live = set(grid.get_node_ids())
+        self.by_node = {n: c for n, c in self.by_node.items() if n in live}
+        unknown = sorted(live - set(self.by_node))
+        if not unknown:
+            return
+        messages = [Message(RecordDict(), dst_node_id=n, message_type=QUERY) for n in unknown]
+        for reply in grid.send_and_receive(messages, timeout=timeout):
+            cid = client_id_of(reply)
+            if cid is not None:
+                # A client that reconnects under a new node id replaces its old entry.
+                self.by_node = {n: c for n, c in self.by_node.items() if c != cid}
+                self.by_node[reply.metadata.src_node_id] = cid
+
+    def clients(self) -> list[str]:
+        return sorted(self.by_node.values(), key=_client_sort_key)
+
+    def node_of(self, client_id: str) -> int:
+        return next(n for n, c in self.by_node.items() if c == client_id)
+
+
+def _client_sort_key(client_id: str) -> tuple[int, Any]:
+    # Numeric ids sort as numbers so that client "10" comes after "9".
+    return (0, int(client_id)) if client_id.isdigit() else (1, client_id)
+
+
+def sample_clients(clients: list[str], fraction: float, seed: int, server_round: int, purpose: str,
+                   mode: str = "fixed") -> list[str]:
+    """Seeded per (seed, round, purpose), so a resumed run samples exactly what an uninterrupted one would."""
+    rng = np.random.default_rng([seed, server_round, {"train": 0, "evaluate": 1}[purpose]])
+    if mode == "poisson":
+        return [c for c, u in zip(clients, rng.random(len(clients)), strict=True) if u < fraction]
+    k = max(1, math.floor(len(clients) * fraction + 1e-9))
+    chosen = rng.choice(len(clients), size=min(k, len(clients)), replace=False)
+    return [clients[i] for i in sorted(chosen)]
+
+
+class SubsetGrid(Grid):
+    """A view of a Grid that shows only the sampled nodes, so a strategy configures exactly those."""
+
+    def __init__(self, grid: Grid, node_ids: Iterable[int]) -> None:
+        self._grid, self._nodes = grid, list(node_ids)
+
+    def set_run(self, run) -> None:  # noqa: ANN001 - Flower's Run
+        self._grid.set_run(run)
+
+    @property
+    def run(self):  # noqa: ANN201
+        return self._grid.run
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None) -> Message:  # noqa: ANN001
+        return self._grid.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def get_node_ids(self) -> list[int]:
+        return list(self._nodes)
+
+    def push_messages(self, messages):  # noqa: ANN001, ANN201
+        return self._grid.push_messages(messages)
+
+    def pull_messages(self, message_ids):  # noqa: ANN001, ANN201
+        return self._grid.pull_messages(message_ids)
+
+    def send_and_receive(self, messages, *, timeout=None):  # noqa: ANN001, ANN201
+        return self._grid.send_and_receive(messages, timeout=timeout)
+
+
+@dataclass
+class LoopSettings:
+    num_rounds: int
+    fraction_train: float
+    fraction_evaluate: float
+    seed: int
+    round_timeout: float
+    client_sampling: str = "fixed"
+    min_clients: int = 1
+    start_round: int = 1  # > 1 when resuming from a checkpoint
+
+
+@dataclass
+class RoundRecord:
+    round: int
+    sampled: list[str] = field(default_factory=list)
+    train: list[dict[str, Any]] = field(default_factory=list)
+    evaluate: list[dict[str, Any]] = field(default_factory=list)
+    dropped: list[dict[str, str]] = field(default_factory=list)
+    refused: list[dict[str, str]] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    server: dict[str, float] = field(default_factory=dict)
+    privacy: list[dict[str, Any]] = field(default_factory=list)  # per-client ledger entries sent back with updates
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def _metrics_of(reply: Message) -> dict[str, Any]:
+    record = reply.content.metric_records.get("metrics", MetricRecord())
+    return {k: v for k, v in record.items()}
+
+
+def _privacy_of(reply: Message) -> dict[str, Any] | None:
+    privacy = reply.content.config_records.get("privacy")
+    return dict(privacy) if privacy is not None else None
+
+
+def _split_replies(replies: Iterable[Message], directory: ClientDirectory, reference: ArrayRecord,
+                   record: RoundRecord, check_arrays: bool) -> list[Message]:
+    """Keep the good replies (sorted by client id, so aggregation order never depends on arrival order)."""
+    good: list[tuple[str, Message]] = []
+    for reply in replies:
+        cid = directory.by_node.get(reply.metadata.src_node_id, str(reply.metadata.src_node_id))
+        meta = reply.content.config_records.get("meta") if reply.has_content() else None
+        if meta is not None and "refused" in meta:
+            record.refused.append({"client_id": cid, "reason": str(meta["refused"])})
+            continue
+        problem = update_problem(reply, reference) if check_arrays else (
+            f"client failed: {reply.error.reason}" if reply.has_error() else None)
+        if problem is not None:
+            log.warning("round %d: dropped the reply of client %s: %s", record.round, cid, problem)
+            record.dropped.append({"client_id": cid, "reason": problem})
+            continue
+        good.append((cid, reply))
+    good.sort(key=lambda pair: _client_sort_key(pair[0]))
+    return [reply for _, reply in good]
+
+
+def run_rounds(
+    grid: Grid,
+    strategy: Strategy,
+    arrays: ArrayRecord,
+    settings: LoopSettings,
+    evaluate_fn: Callable[[int, ArrayRecord], dict[str, float]],
+    on_round: Callable[[RoundRecord, ArrayRecord], None],
+    directory: ClientDirectory | None = None,
+) -> ArrayRecord:
+    """Run rounds start_round..num_rounds; after each, `on_round(record, arrays)` persists what happened."""
+    directory = directory or ClientDirectory()
+    for server_round in range(settings.start_round, settings.num_rounds + 1):
+        started = time.perf_counter()
+        record = RoundRecord(round=server_round)
+        directory.refresh(grid, settings.round_timeout)
+        clients = directory.clients()
+        if len(clients) < settings.min_clients:
+            raise RuntimeError(
+                f"round {server_round}: only {len(clients)} clients connected, min-clients is {settings.min_clients}")
+        record.sampled = sample_clients(clients, settings.fraction_train, settings.seed, server_round, "train",
+                                        settings.client_sampling)
+        if record.sampled:
+            subset = SubsetGrid(grid, [directory.node_of(c) for c in record.sampled])
+            config = ConfigRecord({"server-round": server_round})
+            messages = list(strategy.configure_train(server_round, arrays, config, subset))
+            replies = list(grid.send_and_receive(messages, timeout=settings.round_timeout))
+            answered = {directory.by_node.get(r.metadata.src_node_id) for r in replies}
+            record.missing = [c for c in record.sampled if c not in answered]
+            good = _split_replies(replies, directory, arrays, record, check_arrays=True)
+            for reply in good:
+                cid = client_id_of(reply) or "?"
+                record.train.append({"client_id": cid, "metrics": _metrics_of(reply)})
+                if (privacy := _privacy_of(reply)) is not None:
+                    record.privacy.append({"client_id": cid, **privacy})
+            if len(good) >= settings.min_clients:
+                new_arrays, _ = strategy.aggregate_train(server_round, good)
+                if new_arrays is not None:
+                    arrays = new_arrays
+            else:
+                log.warning("round %d: %d usable updates, fewer than min-clients %d; the model is unchanged",
+                            server_round, len(good), settings.min_clients)
+        evaluators = sample_clients(clients, settings.fraction_evaluate, settings.seed, server_round, "evaluate")
+        subset = SubsetGrid(grid, [directory.node_of(c) for c in evaluators])
+        messages = list(strategy.configure_evaluate(server_round, arrays, ConfigRecord(), subset))
+        replies = _split_replies(grid.send_and_receive(messages, timeout=settings.round_timeout), directory,
+                                 arrays, record, check_arrays=False)
+        record.evaluate = [{"client_id": client_id_of(r) or "?", "metrics": _metrics_of(r)} for r in replies]
+        record.server = evaluate_fn(server_round, arrays)
+        record.seconds = time.perf_counter() - started
+        on_round(record, arrays)
+    return arrays

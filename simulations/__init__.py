@@ -1,0 +1,1 @@
+"""Local runs: the in-process engine, Flower's Ray runtime, the fedpriv command."""

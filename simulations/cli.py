@@ -1,0 +1,48 @@
+"""The `fedpriv` command. Each sub-command lives beside what it runs and registers itself here."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def user_errors() -> tuple[type[Exception], ...]:
+    """The errors that mean "the user's input is wrong": each carries a one-line message naming the fix.
+    Anything else is a bug and keeps its traceback."""
+    from client import ConfigError, DataError
+    from models import ModelError
+    from privacy import PrivacyError
+    from privacy.report import ReportError
+
+    return (ConfigError, DataError, ModelError, PrivacyError, ReportError)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from privacy import register as register_budget
+    from privacy.report import register as register_report
+    from simulations import simulate
+
+    parser = argparse.ArgumentParser(prog="fedpriv", description="Federated, differentially private training.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    simulate.register(sub)
+    register_budget(sub)
+    register_report(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except user_errors() as exc:
+        # Our own errors are ValueError subclasses with one-line messages naming the value and the fix.
+        print(f"fedpriv {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"fedpriv {args.command}: interrupted; the records of every finished round are kept", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,93 @@
+"""One run config, resolved at the edge: defaults, then a TOML file, then flags; validated before training.
+
+The config is Flower's flat run config (hyphenated keys), the same dict every ServerApp and ClientApp reads
+from `context.run_config`. The defaults are the union of each concern's config class; pyproject.toml's
+`[tool.flwr.app.config]` holds the same table for `flwr run` (a test keeps the two equal).
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from client import ConfigError, DataConfig, DataError, TrainConfig, load_dataset, partition_data
+from models import ModelError, build_model
+from privacy import DPConfig
+from server import ServerConfig
+
+
+def default_run_config() -> dict[str, Any]:
+    merged: dict[str, Any] = {}
+    for cls in (DataConfig, TrainConfig, ServerConfig, DPConfig):
+        merged.update(cls.DEFAULTS)
+    return merged
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """A TOML file of run-config keys, flat (`num-rounds = 5`) or under [tool.flwr.app.config] (a pyproject)."""
+    path = Path(path)
+    try:
+        table = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist; check the path given to --config") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {path} is not valid TOML ({exc}); fix the file") from None
+    return dict(table.get("tool", {}).get("flwr", {}).get("app", {}).get("config", table))
+
+
+def resolve(config_file: str | Path | None, overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """defaults < file < flags. An unknown key is an error, not something silently ignored."""
+    config = default_run_config()
+    layers = [read_config_file(config_file)] if config_file else []
+    for layer in [*layers, dict(overrides)]:
+        unknown = sorted(set(layer) - set(config))
+        if unknown:
+            raise ConfigError(f"unknown config key {unknown[0]!r}; known keys: {', '.join(sorted(config))}")
+        for key, value in layer.items():
+            default = config[key]
+            config[key] = _coerce(key, value, default)
+    config["out-dir"] = str(Path(config["out-dir"]).expanduser().resolve())
+    return config
+
+
+def _coerce(key: str, value: Any, default: Any) -> Any:
+    """Keep each key's type (Flower's run config holds str, int, float and bool)."""
+    if isinstance(value, str) and not isinstance(default, str):
+        try:
+            if isinstance(default, bool):
+                if value.lower() not in ("true", "false"):
+                    raise ValueError
+                return value.lower() == "true"
+            return type(default)(float(value)) if isinstance(default, int) else float(value)
+        except ValueError:
+            raise ConfigError(f"{key} = {value!r} is not a {type(default).__name__}") from None
+    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
+@dataclass(frozen=True)
+class Configs:
+    data: DataConfig
+    train: TrainConfig
+    server: ServerConfig
+    dp: DPConfig
+
+
+def validate(run_config: Mapping[str, Any]) -> Configs:
+    """Everything that can be known before training starts: values, data files, partitions, model fit."""
+    configs = Configs(DataConfig.from_run_config(run_config), TrainConfig.from_run_config(run_config),
+                      ServerConfig.from_run_config(run_config), DPConfig.from_run_config(run_config))
+    dataset = load_dataset(configs.data.dataset, configs.data.data_dir or None)
+    if configs.data.num_clients > len(dataset.y_train):
+        raise DataError(f"num-clients = {configs.data.num_clients} is more than the {len(dataset.y_train)} training "
+                        f"examples of {configs.data.dataset}; use fewer clients")
+    partition_data(configs.data, 0)  # partitions are computed (and cached) here, so a bad spec fails now
+    build_model(configs.train.model, dataset.spec)
+    return configs
+
+
+USER_ERRORS = (ConfigError, DataError, ModelError)

@@ -1,7 +1,8 @@
 """fedpriv's ClientApp: the data owner's side of every round, in simulation and in deployment alike.
 
 Node config (per data owner): `partition-id` (simulation: which share of the named dataset) or `data-path`
-(deployment: the owner's own .npz/.csv file), and optionally `client-id`.
+(deployment: the owner's own .npz/.csv file); optionally `client-id`, `state-dir` (where the privacy ledger
+is kept across restarts) and the owner's own budget `budget-epsilon` / `budget-delta`.
 """
 
 from __future__ import annotations
@@ -10,11 +11,15 @@ from dataclasses import replace
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.mod import LocalDpMod
 
 from client.config import DataConfig, TrainConfig
+from client.dpsgd import train_private
+from client.guard import load_ledger, owner_budget, plan_round, save_ledger
 from client.task import ClientData, client_seed, file_data, partition_data
 from client.training import evaluate, train
 from models import build_model
+from privacy import Budget, DPConfig, PrivacyLedger, Step, compute_epsilon
 
 app = ClientApp()
 
@@ -38,7 +43,18 @@ def hello(msg: Message, context: Context) -> Message:
     return Message(RecordDict({"meta": _meta(data)}), reply_to=msg)
 
 
-@app.train()
+def local_dp(msg: Message, context: Context, call_next) -> Message:  # noqa: ANN001 - Flower's ClientAppCallable
+    """`dp=local`: Flower's LocalDpMod clips this client's update and adds Gaussian noise before it leaves.
+    Its (epsilon, delta) holds per round; the server's privacy record composes it over the rounds."""
+    dp = DPConfig.from_run_config(context.run_config)
+    if "local" not in dp.modes:
+        return call_next(msg, context)
+    mod = LocalDpMod(clipping_norm=dp.max_grad_norm, sensitivity=dp.local_sensitivity, epsilon=dp.local_epsilon,
+                     delta=dp.delta)
+    return mod(msg, context, call_next)
+
+
+@app.train(mods=[local_dp])
 def train_round(msg: Message, context: Context) -> Message:
     data, data_cfg = local_data(context)
     cfg = TrainConfig.from_run_config(context.run_config)
@@ -47,14 +63,50 @@ def train_round(msg: Message, context: Context) -> Message:
     # FedProx sends its mu with the round's config; it takes precedence over the run config's.
     cfg = replace(cfg, proximal_mu=float(config.get("proximal-mu", cfg.proximal_mu)))
 
-    model = build_model(cfg.model, data.spec)
+    dp = DPConfig.from_run_config(context.run_config)
+    seed = client_seed(data_cfg.seed, server_round, data.client_id)
+    model = build_model(cfg.model, data.spec)  # a fresh module every round: Opacus cannot wrap one twice
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
-    result = train(model, data.x_train, data.y_train, cfg, seed=client_seed(data_cfg.seed, server_round,
-                                                                              data.client_id))
+    privacy = None
+    if "sample" in dp.modes:
+        ledger = load_ledger(context, data.client_id)
+        budget = owner_budget(dp, context)
+        # The client calibrates for every round the run may sample it for; its guard refuses any beyond.
+        planned_rounds = int(context.run_config.get("num-rounds", 1))
+        plan = plan_round(dp, data.num_examples, cfg.batch_size, cfg.local_epochs, planned_rounds, ledger, budget)
+        if not plan.allowed:
+            meta = _meta(data)
+            meta["refused"] = plan.decision.reason
+            privacy = _privacy_record(dp, ledger, data, budget, plan.step)
+            return Message(RecordDict({"meta": meta, "privacy": privacy}), reply_to=msg)
+        result = train_private(model, data.x_train, data.y_train, cfg, noise_multiplier=plan.step.noise_multiplier,
+                               max_grad_norm=dp.max_grad_norm, seed=seed)
+        # Spent once the update leaves the owner: recorded (and persisted) before the reply is built.
+        epsilon = compute_epsilon([*ledger.history(), plan.step], dp.delta, dp.accountant)
+        ledger.record(server_round, plan.step, epsilon, run=str(context.run_id))
+        save_ledger(context, ledger)
+        privacy = _privacy_record(dp, ledger, data, budget, plan.step)
+    else:
+        result = train(model, data.x_train, data.y_train, cfg, seed=seed)
     metrics = MetricRecord({"train_loss": result["loss"], "train_accuracy": result["accuracy"],
-                            "steps": result["steps"], "num-examples": data.num_examples})
+                            "steps": result["steps"], "num-examples": data.num_examples,
+                            # user-level DP averages clients uniformly (its noise assumes an unweighted mean)
+                            "unit-weight": 1})
     content = RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": metrics, "meta": _meta(data)})
+    if privacy is not None:
+        content["privacy"] = privacy
     return Message(content, reply_to=msg)
+
+
+def _privacy_record(dp: DPConfig, ledger: PrivacyLedger, data: ClientData, budget: Budget | None,
+                    step: Step) -> ConfigRecord:
+    """What the server needs to account for this client independently: its whole ledger and its settings."""
+    return ConfigRecord({
+        "ledger": ledger.to_json(), "max-grad-norm": dp.max_grad_norm, "num-examples": data.num_examples,
+        "noise-multiplier": step.noise_multiplier, "sample-rate": step.sample_rate,
+        "accountant": dp.accountant, "delta": dp.delta,
+        "budget-epsilon": budget.epsilon if budget else 0.0, "budget-delta": budget.delta if budget else 0.0,
+    })
 
 
 @app.evaluate()

@@ -58,11 +58,12 @@ def train_private(model: nn.Module, x: np.ndarray, y: np.ndarray, cfg: TrainConf
     loader = DataLoader(dataset, batch_size=cfg.batch_size, generator=torch.Generator().manual_seed(seed))
     optimizer = make_optimizer(model.parameters(), cfg)
     mode = grad_sample_mode or grad_sample_mode_for(model)
-    engine = PrivacyEngine(accountant="rdp")
     criterion = nn.CrossEntropyLoss()
     with warnings.catch_warnings():
-        # Opacus warns about secure RNG on every call; fedpriv's report states which RNG was used instead.
-        warnings.simplefilter("ignore")
+        # Opacus warns on every engine that its RNG is not cryptographically secure (secure_mode needs
+        # torchcsprng, not available here); seeded generators are what make runs reproducible.
+        warnings.filterwarnings("ignore", message="Secure RNG turned off")
+        engine = PrivacyEngine(accountant="rdp")
         private = engine.make_private(
             module=model, optimizer=optimizer, criterion=criterion, data_loader=loader,
             noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm, poisson_sampling=True,
@@ -73,8 +74,15 @@ def train_private(model: nn.Module, x: np.ndarray, y: np.ndarray, cfg: TrainConf
     else:
         wrapped, dp_optimizer, dp_loader = private
     wrapped.train()
+    with warnings.catch_warnings():
+        # Ghost clipping's second backward pass makes torch warn about full backward hooks on every step.
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        return _epochs(wrapped, dp_optimizer, criterion, dp_loader, cfg.local_epochs)
+
+
+def _epochs(wrapped: nn.Module, dp_optimizer, criterion, dp_loader, local_epochs: int) -> dict[str, float]:  # noqa: ANN001
     total_loss, correct, seen, steps = 0.0, 0, 0, 0
-    for _ in range(cfg.local_epochs):
+    for _ in range(local_epochs):
         for xb, yb in dp_loader:
             dp_optimizer.zero_grad(set_to_none=True)
             if len(yb) == 0:
@@ -87,7 +95,8 @@ def train_private(model: nn.Module, x: np.ndarray, y: np.ndarray, cfg: TrainConf
             loss.backward()
             dp_optimizer.step()
             steps += 1
-            total_loss += float(loss) * len(yb)
+            # Ghost clipping's loss is a wrapper object; the value itself comes from the detached logits.
+            total_loss += float(nn.functional.cross_entropy(logits.detach(), yb)) * len(yb)
             correct += int((logits.argmax(1) == yb).sum())
             seen += len(yb)
     if hasattr(wrapped, "_close"):

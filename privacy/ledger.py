@@ -36,13 +36,13 @@ class PrivacyLedger:
             raise PrivacyError(f"ledger owner={self.owner!r} is not allowed: it must be a non-empty string; "
                                "pass the client's stable id")
         checked: list[dict[str, Any]] = []
-        seen: set[int] = set()
+        seen: set[tuple[str, int]] = set()
         for i, entry in enumerate(self.entries):
             clean = _check_entry(entry, f"entries[{i}]")
-            if clean["round"] in seen:
-                raise PrivacyError(f"ledger of {self.owner!r} records round {clean['round']} twice; "
-                                   "each round may be recorded once")
-            seen.add(clean["round"])
+            if _key(clean) in seen:
+                raise PrivacyError(f"ledger of {self.owner!r} records round {clean['round']} of run "
+                                   f"{clean.get('run', '')!r} twice; each round of a run may be recorded once")
+            seen.add(_key(clean))
             checked.append(clean)
         self.entries = checked
 
@@ -50,9 +50,10 @@ class PrivacyLedger:
         """Round numbers recorded so far, in recording order."""
         return [e["round"] for e in self.entries]
 
-    def record(self, round: int, step: Step, epsilon_after: float) -> bool:
-        """Append the step of `round`. Returns False and changes nothing if that round is already recorded,
-        so a retried or replayed round is never counted twice."""
+    def record(self, round: int, step: Step, epsilon_after: float, run: str = "") -> bool:
+        """Append the step of `round` of `run`. Returns False and changes nothing if that (run, round) is
+        already recorded, so a replayed message is never counted twice. The same round number in another run
+        (a second study on the same data, or a resumed server's new Flower run) is a new release and counts."""
         if not isinstance(step, Step):
             raise PrivacyError(f"step={step!r} is not a Step; pass Step(noise_multiplier, sample_rate, "
                                "steps)")
@@ -62,8 +63,10 @@ class PrivacyLedger:
         if step.sampling != "poisson":
             entry["sampling"] = step.sampling
             entry["population"] = step.population
+        if run:
+            entry["run"] = str(run)
         clean = _check_entry(entry, "record()")
-        if clean["round"] in self.rounds():
+        if _key(clean) in {_key(e) for e in self.entries}:
             return False
         self.entries.append(clean)
         return True
@@ -159,7 +162,13 @@ def _check_entry(entry: Any, where: str) -> dict[str, Any]:
     if step.sampling != "poisson":
         clean["sampling"] = step.sampling
         clean["population"] = step.population
+    if entry.get("run"):
+        clean["run"] = str(entry["run"])
     return clean
+
+
+def _key(entry: dict[str, Any]) -> tuple[str, int]:
+    return (str(entry.get("run", "")), int(entry["round"]))
 
 
 def _entry_step(entry: dict[str, Any]) -> Step:

@@ -24,6 +24,7 @@ class ServerConfig:
     min_clients: int = 1
     round_timeout: float = 3600.0
     out_dir: str = "runs/latest"
+    resume_from: str = ""  # a run folder whose checkpoint.pt to continue from; "" = a fresh run
     seed: int = 42
 
     DEFAULTS: ClassVar[dict[str, Any]] = {
@@ -38,6 +39,7 @@ class ServerConfig:
         "min-clients": 1,
         "round-timeout": 3600.0,
         "out-dir": "runs/latest",
+        "resume-from": "",
     }
 
     def __post_init__(self) -> None:
@@ -80,5 +82,6 @@ class ServerConfig:
             min_clients=get("min-clients", int),
             round_timeout=get("round-timeout", float),
             out_dir=get("out-dir", str),
+            resume_from=get("resume-from", str),
             seed=get("seed", int),
         )

@@ -2,24 +2,58 @@
 
 from __future__ import annotations
 
+import io
 import logging
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from flwr.app import ArrayRecord
+import torch
+from flwr.app import ArrayRecord, Message
 from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from client import DataConfig, TrainConfig, evaluate, load_dataset
 from models import build_model
+from privacy import DPConfig, PrivacyLedger
 from server.config import ServerConfig
-from server.records import RunRecords
+from server.privacy_records import ClientPrivacy, PrivacyTracker
+from server.records import RunRecords, atomic_write
 from server.rounds import LoopSettings, RoundRecord, run_rounds
 from server.strategies import build_strategy
+from server.userdp import aggregate_user_dp, build_user_dp_strategy
 
 log = logging.getLogger("fedpriv")
+
+CHECKPOINT = "checkpoint.pt"
+
+
+@dataclass
+class Checkpoint:
+    """Everything a resumed run needs to go on as if never stopped: the last finished round, the global
+    weights, the strategy object (server-side optimizer moments, DP wrapper state) and the privacy record."""
+
+    round: int
+    arrays: dict[str, Any]
+    strategy: Strategy
+    privacy_clients: dict[str, tuple[str, dict[str, Any], list[int]]]
+    user_rounds: int
+
+    def save(self, out_dir: Path) -> None:
+        buffer = io.BytesIO()
+        torch.save(self.__dict__, buffer)
+        atomic_write(out_dir / CHECKPOINT, buffer.getvalue())
+
+    @classmethod
+    def load(cls, run_dir: Path) -> Checkpoint:
+        path = run_dir / CHECKPOINT
+        if not path.exists():
+            raise FileNotFoundError(f"{path} does not exist; resume needs a run folder with a finished round")
+        # Our own file, written by save() above: it holds a pickled strategy, hence weights_only=False.
+        return cls(**torch.load(path, weights_only=False))
 
 
 def run_federation(grid: Grid, run_config: Mapping[str, Any], *, progress: bool = True) -> dict[str, Any]:
@@ -27,17 +61,42 @@ def run_federation(grid: Grid, run_config: Mapping[str, Any], *, progress: bool 
     data_cfg = DataConfig.from_run_config(run_config)
     train_cfg = TrainConfig.from_run_config(run_config)
     server_cfg = ServerConfig.from_run_config(run_config)
+    dp = DPConfig.from_run_config(run_config)
+    out_dir = Path(server_cfg.out_dir)
+    resume_from = server_cfg.resume_from
 
     dataset = load_dataset(data_cfg.dataset, data_cfg.data_dir or None)
     model = build_model(train_cfg.model, dataset.spec, seed=server_cfg.seed)
-    records = RunRecords(Path(server_cfg.out_dir), run_config)
+    records = RunRecords(out_dir, run_config, keep_existing=bool(resume_from))
+    tracker = PrivacyTracker(out_dir, dp, data_cfg.num_clients, server_cfg.fraction_train) if dp.modes else None
 
     def evaluate_global(server_round: int, arrays: ArrayRecord) -> dict[str, float]:
         model.load_state_dict(arrays.to_torch_state_dict())
         return evaluate(model, dataset.x_test, dataset.y_test)
 
-    arrays = ArrayRecord(model.state_dict())
-    records.add_round(RoundRecord(round=0, server=evaluate_global(0, arrays)).as_dict())
+    aggregate = None
+    if "user" in dp.modes:
+        strategy: Strategy = build_user_dp_strategy(dp, data_cfg.num_clients, server_cfg.fraction_train)
+
+        def aggregate(server_round: int, replies: list[Message], arrays: ArrayRecord) -> ArrayRecord:
+            return aggregate_user_dp(strategy, server_round, replies, arrays, dp, server_cfg.fraction_train,
+                                     server_cfg.seed)
+    else:
+        strategy = build_strategy(server_cfg, proximal_mu=train_cfg.proximal_mu)
+
+    start_round = 1
+    if resume_from:
+        ckpt = Checkpoint.load(Path(resume_from))
+        start_round, strategy = ckpt.round + 1, ckpt.strategy
+        arrays = ArrayRecord({k: torch.as_tensor(v) for k, v in ckpt.arrays.items()})
+        if tracker is not None:
+            tracker.server_rounds = ckpt.user_rounds
+            tracker.clients = {cid: ClientPrivacy(PrivacyLedger.from_json(lj), settings, refused)
+                               for cid, (lj, settings, refused) in ckpt.privacy_clients.items()}
+        log.info("resuming %s after round %d", resume_from, ckpt.round)
+    else:
+        arrays = ArrayRecord(model.state_dict())
+        records.add_round(RoundRecord(round=0, server=evaluate_global(0, arrays)).as_dict())
 
     settings = LoopSettings(
         num_rounds=server_cfg.num_rounds,
@@ -45,21 +104,37 @@ def run_federation(grid: Grid, run_config: Mapping[str, Any], *, progress: bool 
         fraction_evaluate=server_cfg.fraction_evaluate,
         seed=server_cfg.seed,
         round_timeout=server_cfg.round_timeout,
+        client_sampling=dp.client_sampling if "user" in dp.modes else "fixed",
         min_clients=server_cfg.min_clients,
+        start_round=start_round,
     )
-    strategy = build_strategy(server_cfg, proximal_mu=train_cfg.proximal_mu)
     bar = Progress(TextColumn("[bold]rounds"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
                    TimeElapsedColumn(), console=Console(stderr=True), disable=not progress)
 
     with bar:
-        task = bar.add_task("", total=server_cfg.num_rounds)
+        task = bar.add_task("", total=server_cfg.num_rounds, completed=start_round - 1)
 
         def on_round(record: RoundRecord, arrays: ArrayRecord) -> None:
             records.add_round(record.as_dict())
+            if tracker is not None:
+                tracker.observe(record.round, record.privacy, record.refused)
+                tracker.write()
+            Checkpoint(
+                round=record.round,
+                arrays={k: v.numpy() for k, v in arrays.items()},
+                strategy=strategy,
+                privacy_clients={cid: (c.ledger.to_json(), c.settings, c.refused_rounds)
+                                 for cid, c in (tracker.clients.items() if tracker else [])},
+                user_rounds=tracker.server_rounds if tracker else 0,
+            ).save(out_dir)
             acc = record.server.get("accuracy", float("nan"))
             bar.update(task, completed=record.round, description=f"server accuracy {acc:.4f}")
 
-        arrays = run_rounds(grid, strategy, arrays, settings, evaluate_global, on_round)
+        arrays = run_rounds(grid, strategy, arrays, settings, evaluate_global, on_round, aggregate)
 
     records.save_model(arrays.to_torch_state_dict())
+    if tracker is not None:
+        from privacy.report import render_reports
+
+        render_reports(out_dir)
     return records.final_server_metrics()

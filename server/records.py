@@ -43,10 +43,13 @@ def clean(value: Any) -> Any:
 class RunRecords:
     """Collects per-round records and keeps the files in `out_dir` current."""
 
-    def __init__(self, out_dir: str | Path, run_config: Mapping[str, Any]) -> None:
+    def __init__(self, out_dir: str | Path, run_config: Mapping[str, Any], keep_existing: bool = False) -> None:
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.rounds: list[dict[str, Any]] = []
+        existing = self.out_dir / "metrics.json"
+        if keep_existing and existing.exists():  # a resumed run goes on with the rounds already recorded
+            self.rounds = json.loads(existing.read_text())["rounds"]
         atomic_write(self.out_dir / "config.toml", tomli_w.dumps(dict(run_config)))
 
     def add_round(self, record: dict[str, Any]) -> None:

@@ -133,7 +133,8 @@ class RoundRecord:
     seconds: float = 0.0
 
     def as_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        """For metrics.json; the privacy entries (whole client ledgers) go to privacy.json instead."""
+        return {k: v for k, v in self.__dict__.items() if k != "privacy"}
 
 
 def _metrics_of(reply: Message) -> dict[str, Any]:
@@ -152,6 +153,9 @@ def _split_replies(replies: Iterable[Message], directory: ClientDirectory, refer
     good: list[tuple[str, Message]] = []
     for reply in replies:
         cid = directory.by_node.get(reply.metadata.src_node_id, str(reply.metadata.src_node_id))
+        # Privacy spent is recorded whatever becomes of the update: refused, dropped or aggregated.
+        if reply.has_content() and (privacy := _privacy_of(reply)) is not None:
+            record.privacy.append({"client_id": cid, **privacy})
         meta = reply.content.config_records.get("meta") if reply.has_content() else None
         if meta is not None and "refused" in meta:
             record.refused.append({"client_id": cid, "reason": str(meta["refused"])})
@@ -174,10 +178,12 @@ def run_rounds(
     settings: LoopSettings,
     evaluate_fn: Callable[[int, ArrayRecord], dict[str, float]],
     on_round: Callable[[RoundRecord, ArrayRecord], None],
-    directory: ClientDirectory | None = None,
+    aggregate: Callable[[int, list[Message], ArrayRecord], ArrayRecord | None] | None = None,
 ) -> ArrayRecord:
-    """Run rounds start_round..num_rounds; after each, `on_round(record, arrays)` persists what happened."""
-    directory = directory or ClientDirectory()
+    """Run rounds start_round..num_rounds; after each, `on_round(record, arrays)` persists what happened.
+    `aggregate(round, good_replies, current_arrays)` defaults to the strategy's own aggregate_train."""
+    directory = ClientDirectory()
+    aggregate = aggregate or (lambda r, replies, _arrays: strategy.aggregate_train(r, replies)[0])
     for server_round in range(settings.start_round, settings.num_rounds + 1):
         started = time.perf_counter()
         record = RoundRecord(round=server_round)
@@ -197,12 +203,9 @@ def run_rounds(
             record.missing = [c for c in record.sampled if c not in answered]
             good = _split_replies(replies, directory, arrays, record, check_arrays=True)
             for reply in good:
-                cid = client_id_of(reply) or "?"
-                record.train.append({"client_id": cid, "metrics": _metrics_of(reply)})
-                if (privacy := _privacy_of(reply)) is not None:
-                    record.privacy.append({"client_id": cid, **privacy})
+                record.train.append({"client_id": client_id_of(reply) or "?", "metrics": _metrics_of(reply)})
             if len(good) >= settings.min_clients:
-                new_arrays, _ = strategy.aggregate_train(server_round, good)
+                new_arrays = aggregate(server_round, good, arrays)
                 if new_arrays is not None:
                     arrays = new_arrays
             else:

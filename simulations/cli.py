@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 
@@ -18,8 +19,10 @@ def user_errors() -> tuple[type[Exception], ...]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from client.split import register as register_split
     from privacy import register as register_budget
     from privacy.report import register as register_report
+    from server.certs import register as register_certs
     from simulations import simulate
 
     parser = argparse.ArgumentParser(prog="fedpriv", description="Federated, differentially private training.")
@@ -27,10 +30,25 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.register(sub)
     register_budget(sub)
     register_report(sub)
+    register_certs(sub)
+    register_split(sub)
     return parser
 
 
+def _log_to_stderr() -> None:
+    """fedpriv's own warnings (a dropped update, a refused round) as plain lines; Flower's INFO chatter off."""
+    logger = logging.getLogger("fedpriv")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("fedpriv: %(levelname)s: %(message)s"))
+        logger.addHandler(handler)
+        logger.propagate = False
+    logger.setLevel(logging.INFO)
+    logging.getLogger("flwr").setLevel(logging.WARNING)
+
+
 def main(argv: list[str] | None = None) -> int:
+    _log_to_stderr()
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

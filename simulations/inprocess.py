@@ -7,6 +7,7 @@ Each simulated node keeps one persistent Context, as a SuperNode does, so `conte
 
 from __future__ import annotations
 
+import secrets
 import traceback
 import uuid
 from collections.abc import Iterable, Mapping
@@ -23,17 +24,16 @@ from flwr.supercore.task_identity import TaskIdentity
 
 SERVER_NODE_ID = 1  # what Flower's SuperLink uses as the server's node id
 CLIENT_APP_RAISED_EXCEPTION = 2  # flwr.common.constant.ErrorCode: the code a SuperNode uses for the same case
-RUN_ID = 1
 
 
 class InProcessGrid(Grid):
     def __init__(self, client_app: ClientApp, node_configs: list[Mapping[str, Any]],
-                 run_config: Mapping[str, Any]) -> None:
+                 run_config: Mapping[str, Any], run_id: int) -> None:
         self._client_app = client_app
-        self._run = Run.create_empty(run_id=RUN_ID)
+        self._run = Run.create_empty(run_id=run_id)
         # Node ids start at 2, after the server's.
         self._contexts = {
-            SERVER_NODE_ID + 1 + i: Context(run_id=RUN_ID, node_id=SERVER_NODE_ID + 1 + i, node_config=dict(nc),
+            SERVER_NODE_ID + 1 + i: Context(run_id=run_id, node_id=SERVER_NODE_ID + 1 + i, node_config=dict(nc),
                                             state=RecordDict(), run_config=dict(run_config))
             for i, nc in enumerate(node_configs)
         }
@@ -84,11 +84,13 @@ class InProcessGrid(Grid):
 def run_inprocess(server_app: ServerApp, client_app: ClientApp, node_configs: list[Mapping[str, Any]],
                   run_config: Mapping[str, Any]) -> InProcessGrid:
     """Run the ServerApp to completion over in-process clients; returns the grid (its contexts hold client state)."""
-    TaskIdentity.run_id = RUN_ID
+    # A fresh run id per run, as a SuperLink gives: a client's privacy ledger tells runs apart by it.
+    run_id = secrets.randbits(63)
+    TaskIdentity.run_id = run_id
     TaskIdentity.node_id = SERVER_NODE_ID
     TaskIdentity.task_id = 1
-    grid = InProcessGrid(client_app, node_configs, run_config)
-    context = Context(run_id=RUN_ID, node_id=SERVER_NODE_ID, node_config={}, state=RecordDict(),
+    grid = InProcessGrid(client_app, node_configs, run_config, run_id)
+    context = Context(run_id=run_id, node_id=SERVER_NODE_ID, node_config={}, state=RecordDict(),
                       run_config=dict(run_config))
     server_app(grid, context)
     return grid

@@ -7,6 +7,7 @@ from `context.run_config`. The defaults are the union of each concern's config c
 
 from __future__ import annotations
 
+import sys
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -14,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from client import ConfigError, DataConfig, DataError, TrainConfig, load_dataset, partition_data
-from models import ModelError, build_model
-from privacy import DPConfig
+from models import build_model, check_trainable_with_dp
+from privacy import DPConfig, PrivacyError
 from server import ServerConfig
 
 
@@ -85,9 +86,30 @@ def validate(run_config: Mapping[str, Any]) -> Configs:
     if configs.data.num_clients > len(dataset.y_train):
         raise DataError(f"num-clients = {configs.data.num_clients} is more than the {len(dataset.y_train)} training "
                         f"examples of {configs.data.dataset}; use fewer clients")
-    partition_data(configs.data, 0)  # partitions are computed (and cached) here, so a bad spec fails now
-    build_model(configs.train.model, dataset.spec)
+    first = partition_data(configs.data, 0)  # partitions are computed (and cached) here, so a bad spec fails now
+    model = build_model(configs.train.model, dataset.spec)
+    check_dp(configs, model, first.num_examples)
     return configs
 
 
-USER_ERRORS = (ConfigError, DataError, ModelError)
+def check_dp(configs: Configs, model: Any, num_examples: int) -> None:
+    """DP settings that a strategy or model cannot honour are errors now, not surprises after training."""
+    dp, strategy = configs.dp, configs.server.strategy
+    if "sample" in dp.modes:
+        check_trainable_with_dp(model)
+        if strategy == "fedprox" or configs.train.proximal_mu > 0:
+            raise PrivacyError("dp=sample cannot be combined with FedProx: its proximal term is not a per-example "
+                               "loss, so DP-SGD could not clip it; use --strategy fedavg (or another) with mu 0")
+    if "user" in dp.modes:
+        if strategy != "fedavg":
+            raise PrivacyError(f"dp=user runs DP-FedAvg (a uniform mean of clipped updates plus noise); strategy "
+                               f"{strategy!r} cannot honour it: use --strategy fedavg")
+        if dp.user_clipping != "fixed":
+            raise PrivacyError("user-clipping=adaptive is not supported yet: the noise on its clipped-count "
+                               "estimate is not accounted for; use user-clipping=fixed")
+    if "local" in dp.modes and strategy != "fedavg":
+        raise PrivacyError(f"dp=local is Flower's LocalDpMod on every update; use --strategy fedavg, not {strategy!r}")
+    if dp.modes and (warning := dp.warn_delta(num_examples if "sample" in dp.modes else configs.data.num_clients)):
+        print(f"warning: {warning}", file=sys.stderr)
+
+

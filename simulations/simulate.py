@@ -103,4 +103,6 @@ def run_simulate(args: argparse.Namespace) -> int:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     out = simulate(run_config, args.engine)
     print(f"records written to {out}  (config.toml, metrics.json, metrics.csv, model.pt)")
+    if (out / "privacy.json").exists():
+        print(f"privacy report: {out / 'report.html'}  (and report.md, privacy.json)")
     return 0

@@ -99,7 +99,7 @@ def test_json_round_trip_for_context_state_keeps_fixed_sampling():
 
 
 def test_ledger_rejects_bad_entries():
-    with pytest.raises(PrivacyError, match="round 1 twice"):
+    with pytest.raises(PrivacyError, match="round 1 of run '' twice"):
         PrivacyLedger("a", [{"round": 1, "noise_multiplier": 1.0, "sample_rate": 0.1, "steps": 1,
                              "epsilon_after": 0.1}] * 2)
     with pytest.raises(PrivacyError, match="round=-1"):

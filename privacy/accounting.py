@@ -14,6 +14,7 @@ fixed-size sampling look costlier than Poisson at the same z, which it is under 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import operator
@@ -189,6 +190,14 @@ def _dp_event(z: float, q: float, sampling: str, population: int | None) -> dp_a
     return dp_accounting.SampledWithoutReplacementDpEvent(population, m, dp_accounting.GaussianDpEvent(z / 2))
 
 
+@functools.lru_cache(maxsize=1024)
+def _rdp_one_step(z: float, q: float, sampling: str, population: int | None) -> tuple[list[float], np.ndarray]:
+    acc = dp_rdp.RdpAccountant(neighboring_relation=_relation(sampling))
+    with _quiet_rdp_warnings():
+        acc.compose(_dp_event(z, q, sampling, population), 1)
+    return acc.orders, np.asarray(acc.rdp)
+
+
 def _relation(sampling: str) -> dp_accounting.NeighboringRelation:
     if sampling == "fixed":
         return dp_accounting.NeighboringRelation.REPLACE_ONE
@@ -225,11 +234,15 @@ def compute_epsilon(history: Sequence[Step], delta: float, accountant: str = "rd
             raise PrivacyError("the PRV accountant failed numerically on this history; use accountant='rdp' "
                                "or 'pld'")
         return epsilon
-    if accountant == "pld":
-        acc: dp_accounting.PrivacyAccountant = dp_pld.PLDAccountant(
-            value_discretization_interval=PLD_VALUE_INTERVAL)
-    else:
-        acc = dp_rdp.RdpAccountant(neighboring_relation=_relation(sampling))
+    if accountant == "rdp":
+        # RDP composes additively per order: T steps of one mechanism cost T times its one-step curve. The
+        # curve is cached, so a server recomposing every client's ledger every round stays cheap.
+        orders, total = None, None
+        for (z, q, samp, population), steps in merged.items():
+            orders, one_step = _rdp_one_step(z, q, samp, population)
+            total = steps * one_step if total is None else total + steps * one_step
+        return float(rdp_privacy_accountant.compute_epsilon(orders, total, delta)[0])
+    acc: dp_accounting.PrivacyAccountant = dp_pld.PLDAccountant(value_discretization_interval=PLD_VALUE_INTERVAL)
     with _quiet_rdp_warnings():
         for (z, q, samp, population), steps in merged.items():
             acc.compose(_dp_event(z, q, samp, population), steps)

@@ -40,6 +40,18 @@ def add_run_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--proximal-mu", type=float, help="FedProx proximal term")
     g.add_argument("--seed", type=int)
     g.add_argument("--out", help="folder for the run's records")
+    d = parser.add_argument_group("differential privacy")
+    d.add_argument("--dp", help="none | sample | user | local | sample,user")
+    d.add_argument("--max-grad-norm", type=float, help="DP-SGD per-example clipping norm")
+    d.add_argument("--noise-multiplier", type=float, help="DP-SGD noise multiplier (or --target-epsilon)")
+    d.add_argument("--target-epsilon", type=float, help="calibrate the noise so the whole run meets this epsilon")
+    d.add_argument("--delta", type=float)
+    d.add_argument("--accountant", help="rdp (default) | prv | pld")
+    d.add_argument("--budget-epsilon", type=float, help="each client's own budget: rounds beyond it are refused")
+    d.add_argument("--budget-delta", type=float)
+    d.add_argument("--user-noise-multiplier", type=float, help="user-level DP-FedAvg noise multiplier")
+    d.add_argument("--user-clipping-norm", type=float, help="user-level DP-FedAvg update clipping norm")
+    d.add_argument("--client-sampling", help="poisson | fixed (user-level DP)")
     g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any other run-config key, e.g. --set server-learning-rate=0.01 (repeatable)")
 
@@ -62,7 +74,9 @@ def overrides_from(args: argparse.Namespace, flags: list[str]) -> dict[str, Any]
 
 RUN_FLAGS = ["dataset", "data-dir", "model", "num-clients", "rounds", "fraction-train", "fraction-evaluate",
              "local-epochs", "batch-size", "optimizer", "lr", "momentum", "weight-decay", "partition", "strategy",
-             "proximal-mu", "seed", "out"]
+             "proximal-mu", "seed", "out", "dp", "max-grad-norm", "noise-multiplier", "target-epsilon", "delta",
+             "accountant", "budget-epsilon", "budget-delta", "user-noise-multiplier", "user-clipping-norm",
+             "client-sampling"]
 
 
 def node_configs(configs: Configs) -> list[dict[str, Any]]:

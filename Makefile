@@ -13,13 +13,15 @@ export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
 export RAY_USAGE_STATS_ENABLED=0
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 
-.PHONY: demo test lint bench clean setup data
+.PHONY: demo test lint bench clean setup data browser
 
+# The comparison grid (centralized; federated IID and Dirichlet 0.1; without DP and at epsilon 8; two seeds)
+# on a Fashion-MNIST subset; it prints the paths of comparison.html and of a DP cell's privacy report.
+# Run it again to reuse the finished cells.
 demo: $(STAMP) data
-	$(BIN)/fedpriv simulate --dataset fashion-mnist --model cnn --num-clients 10 --rounds 5 \
-		--partition dirichlet:1.0 --out runs/demo
+	$(BIN)/fedpriv compare --preset quick --out runs/demo
 
-test: $(STAMP) data
+test: $(STAMP) data browser
 	$(BIN)/python -m pytest -q tests
 
 lint: $(STAMP)
@@ -43,6 +45,14 @@ data:
 		(apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 || \
 		 (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1)) || \
 		echo "warning: could not install dataset-fashion-mnist; pass --data-dir DIR holding the Fashion-MNIST IDX files"; \
+	fi
+
+# Headless Chromium renders comparison.html in tests/test_comparison_html.py (Debian package chromium).
+browser:
+	@if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		(apt-get install -y -qq chromium >/dev/null 2>&1 || \
+		 (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq chromium >/dev/null 2>&1)) || \
+		echo "warning: could not install chromium; tests/test_comparison_html.py will be skipped"; \
 	fi
 
 clean:

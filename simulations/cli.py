@@ -19,11 +19,13 @@ def user_errors() -> tuple[type[Exception], ...]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from client.deploy import register as register_client
     from client.split import register as register_split
     from privacy import register as register_budget
     from privacy.report import register as register_report
     from server.certs import register as register_certs
-    from simulations import simulate
+    from server.deploy import register as register_server
+    from simulations import compare, simulate, sweep
 
     parser = argparse.ArgumentParser(prog="fedpriv", description="Federated, differentially private training.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -32,6 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
     register_report(sub)
     register_certs(sub)
     register_split(sub)
+    compare.register(sub)
+    sweep.register(sub)
+    register_server(sub)
+    register_client(sub)
     return parser
 
 

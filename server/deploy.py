@@ -1,0 +1,518 @@
+"""`fedpriv server`: a real deployment's coordinator, in one command.
+
+It starts a Flower SuperLink (TLS and SuperNode authentication by default), admits the client public keys
+it was given, waits for `--start-clients` SuperNodes, submits the fedpriv app as a run with the resolved run
+config, prints one line per finished round, and stops the SuperLink when the run ends. The ServerApp is the
+one `fedpriv simulate` runs, so the run folder gets the same records (config.toml, metrics.json/csv,
+model.pt, checkpoint.pt, privacy.json and the reports with DP).
+
+Everything Flower needs lives in the run folder: `deploy/flwr-home` (FLWR_HOME: the connection to this
+SuperLink, installed app bundles), `deploy/app` (the app bundle's source), `deploy/superlink.log` and
+`deploy/serverapp.log` (the ServerApp's own output).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import importlib.metadata
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from client import ConfigError
+from server.certs import CertFiles, check_public_key, check_server_certs
+
+CONNECTION = "fedpriv"
+APP_PACKAGES = ("models", "privacy", "client", "server", "simulations")
+CHECKPOINT = "checkpoint.pt"
+DEFAULT_ADDRESS = "127.0.0.1:9092"
+WILDCARD_HOSTS = ("0.0.0.0", "::", "")
+
+
+class ServerDeployError(ConfigError):
+    """A server that cannot start or run as asked; the message names the value and the fix."""
+
+
+# ---- process plumbing (the client side has its own copy: packages do not share internals) ------------------
+
+def flower_bin(name: str) -> str:
+    here = Path(sys.executable).parent / name
+    found = str(here) if here.exists() else shutil.which(name)
+    if found is None:
+        raise ServerDeployError(f"{name} was not found next to {sys.executable} or on PATH; install flwr "
+                                "(pip install 'flwr[simulation]==1.41.0') in this environment")
+    return found
+
+
+def flower_env(flwr_home: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({
+        "FLWR_HOME": str(flwr_home),
+        # Without it the SuperLink would `uv sync` the app's dependencies for every run (offline: fails).
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "PYTHONUNBUFFERED": "1",
+        # Flower starts flower-superexec and flwr-serverapp by name: found even without an activated venv.
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+    })
+    return env
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: on Linux the kernel kills it when `fedpriv server` dies, however it dies,
+    so a killed server leaves no SuperLink behind (a restart with --resume needs its port)."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError):
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def start_group(cmd: list[str], env: Mapping[str, str], log: Path) -> subprocess.Popen:
+    """cmd as the leader of a new process group (stopping the group stops what it started), output to log."""
+    with open(log, "ab") as out:
+        return subprocess.Popen(cmd, env=dict(env), stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True, preexec_fn=_die_with_parent)
+
+
+def stop_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=grace)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def _tail(path: Path, lines: int = 200) -> list[str]:
+    try:
+        return path.read_text(errors="replace").splitlines()[-lines:]
+    except FileNotFoundError:
+        return []
+
+
+def last_error(path: Path) -> str:
+    """The most telling line of a Flower log: the last error or exception, else the last line."""
+    tail = [line.strip() for line in _tail(path) if line.strip()]
+    for line in reversed(tail):
+        if any(w in line for w in ("Error", "ERROR", "Exception", "refused", "failed")):
+            return line[-300:]
+    return tail[-1][-300:] if tail else "(empty log)"
+
+
+# ---- the Flower CLI, pointed at this run's SuperLink -------------------------------------------------------
+
+@dataclass(frozen=True)
+class FlowerCli:
+    """`flwr` with this run's FLWR_HOME, whose config.toml holds one connection: this SuperLink."""
+
+    env: Mapping[str, str]
+
+    def call(self, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess:
+        return subprocess.run([flower_bin("flwr"), *args], env=dict(self.env), capture_output=True, text=True,
+                              timeout=timeout, check=False)
+
+    def json(self, *args: str, timeout: float = 120.0) -> dict[str, Any]:
+        done = self.call(*args, "--format", "json", timeout=timeout)
+        start = done.stdout.find("{")
+        try:
+            result = json.loads(done.stdout[start:]) if start >= 0 else {}
+        except json.JSONDecodeError:
+            result = {}
+        if done.returncode != 0 or not result.get("success", False):
+            said = (done.stderr or done.stdout).strip().splitlines()
+            reason = result.get("error-message") or (said[-1] if said else "no output")
+            raise ServerDeployError(f"`flwr {' '.join(args)}` failed: {str(reason).strip()[:300]}")
+        return result
+
+
+def write_connection(flwr_home: Path, address: str, root_cert: Path | None) -> Path:
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    conn: dict[str, Any] = {"address": address}
+    if root_cert is None:
+        conn["insecure"] = True
+    else:
+        conn["root-certificates"] = str(root_cert)
+    path = flwr_home / "config.toml"
+    path.write_text(tomli_w.dumps({"superlink": {"default": CONNECTION, CONNECTION: conn}}))
+    return path
+
+
+# ---- the app bundle ----------------------------------------------------------------------------------------
+
+def stage_app(run_config: Mapping[str, Any], where: Path) -> Path:
+    """A Flower App folder holding fedpriv's source and a pyproject whose run config is this run's, resolved.
+
+    Built from the installed packages rather than from a checkout, so `fedpriv server` works from a wheel
+    too; only .py files go in (Flower ships the folder to every SuperNode, tests and data stay home).
+    """
+    if where.exists():
+        shutil.rmtree(where)
+    for name in APP_PACKAGES:
+        spec = importlib.util.find_spec(name)
+        if spec is None or not spec.submodule_search_locations:
+            raise ServerDeployError(f"package {name!r} is not importable; reinstall fedpriv (pip install -e "
+                                    ".)")
+        src = Path(next(iter(spec.submodule_search_locations)))
+        shutil.copytree(src, where / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "tests"))
+    try:
+        version = importlib.metadata.version("fedpriv")
+    except importlib.metadata.PackageNotFoundError:
+        version = "0.0.0"
+    project = {
+        "project": {"name": "fedpriv", "version": version,
+                    "description": "fedpriv's ServerApp and ClientApp, as one deployment run"},
+        "tool": {"flwr": {"app": {
+            "publisher": "fedpriv",
+            "components": {"serverapp": "server.app:app", "clientapp": "client.app:app"},
+            "config": dict(run_config),
+        }}},
+    }
+    (where / "pyproject.toml").write_text(tomli_w.dumps(project))
+    return where
+
+
+# ---- settings ----------------------------------------------------------------------------------------------
+
+def parse_address(text: str) -> tuple[str, int]:
+    host, sep, port = text.strip().rpartition(":")
+    host = host.strip("[]")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ServerDeployError(f"--address {text!r} is not HOST:PORT; e.g. --address 0.0.0.0:9092 to serve "
+                                "other machines, 127.0.0.1:9092 for this one")
+    return host or "0.0.0.0", int(port)
+
+
+def check_port_free(host: str, port: int) -> None:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            raise ServerDeployError(f"cannot listen on {host}:{port} ({exc.strerror}); another server holds "
+                                    "the port or the address is not this machine's: choose another "
+                                    "--address") from None
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    host: str
+    port: int
+    certs: CertFiles | None  # None: --insecure
+    public_keys: tuple[Path, ...]
+    run_dir: Path
+    start_clients: int
+    start_timeout: float
+
+    @property
+    def connect_host(self) -> str:
+        """The name this machine's own CLI dials: it must be one the certificate covers."""
+        if self.host not in WILDCARD_HOSTS:
+            return self.host
+        if self.certs is None:
+            return "127.0.0.1"
+        from cryptography import x509
+
+        from server.certs import cert_hosts
+
+        hosts = cert_hosts(x509.load_pem_x509_certificate(self.certs.server_cert.read_bytes()))
+        local = [h for h in ("127.0.0.1", "localhost", "::1") if h in hosts]
+        return (local or hosts or ["127.0.0.1"])[0]
+
+    @property
+    def deploy_dir(self) -> Path:
+        return self.run_dir / "deploy"
+
+
+def security_from(args: argparse.Namespace, host: str) -> tuple[CertFiles | None, tuple[Path, ...]]:
+    if args.insecure and args.certs:
+        raise ServerDeployError("--insecure with --certs: choose TLS with authentication (--certs DIR) or "
+                                "--insecure (loopback experiments), not both")
+    if not args.insecure and not args.certs:
+        raise ServerDeployError("no certificates: pass --certs DIR (make one with `fedpriv certs --out DIR "
+                                "--hosts HOST --clients N`), or --insecure for a loopback experiment")
+    if args.insecure:
+        return None, ()
+    files = check_server_certs(args.certs, host)
+    keys = tuple(files.public_keys())
+    if not keys:
+        raise ServerDeployError(f"no client public keys in {files.client_keys}: with authentication only "
+                                "listed clients may join; put the clients' .pub files there (`fedpriv certs "
+                                "--clients N` makes key pairs)")
+    for key in keys:
+        check_public_key(key)
+    return files, keys
+
+
+def run_config_from(args: argparse.Namespace) -> dict[str, Any]:
+    """defaults < --config (or, resuming, the run's own config.toml) < flags; out-dir absolute."""
+    from simulations.runconfig import resolve
+    from simulations.simulate import RUN_FLAGS, overrides_from
+
+    overrides = overrides_from(args, RUN_FLAGS)
+    for key in ("min-clients", "round-timeout"):
+        value = getattr(args, key.replace("-", "_"))
+        if value is not None:
+            overrides[key] = value
+    config_file = args.config
+    if args.resume:
+        run_dir = Path(args.resume).expanduser().resolve()
+        if not (run_dir / CHECKPOINT).is_file():
+            raise ServerDeployError(f"--resume {run_dir}: no {CHECKPOINT} there; resume needs the folder of "
+                                    "a run that finished at least one round")
+        config_file = config_file or run_dir / "config.toml"
+        overrides["resume-from"] = str(run_dir)
+        overrides.setdefault("out-dir", str(run_dir))
+    elif args.out is None:
+        raise ServerDeployError("--out is required: the run folder for the records (or --resume RUN_DIR)")
+    run_config = resolve(config_file, overrides)
+    if not args.resume:
+        out = Path(run_config["out-dir"])
+        if (out / "metrics.json").exists():
+            raise ServerDeployError(f"{out} already holds a run's records; continue it with --resume {out}, "
+                                    "or choose another --out")
+        run_config["resume-from"] = ""
+    return run_config
+
+
+# ---- the server --------------------------------------------------------------------------------------------
+
+def loud_insecure_warning() -> None:
+    bar = "!" * 100
+    print(f"{bar}\n!! --insecure: NO TLS and NO client authentication. Model updates travel in clear text "
+          "and ANY SuperNode\n!! that reaches this port can join and submit updates. Use it on loopback "
+          "only; for anything else run\n!! `fedpriv certs` and pass "
+          f"--certs.\n{bar}", file=sys.stderr, flush=True)
+
+
+def start_superlink(settings: ServerSettings, env: Mapping[str, str]) -> subprocess.Popen:
+    cmd = [flower_bin("flower-superlink"), "--host", settings.host, "--port", str(settings.port),
+           "--disable-runtime-dependency-installation"]
+    if settings.certs is None:
+        cmd.append("--insecure")
+    else:
+        cmd += ["--ssl-certfile", str(settings.certs.server_cert),
+                "--ssl-keyfile", str(settings.certs.server_key),
+                "--ssl-ca-certfile", str(settings.certs.ca_cert), "--enable-supernode-auth"]
+    log = settings.deploy_dir / "superlink.log"
+    proc = start_group(cmd, env, log)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise ServerDeployError(f"the SuperLink exited at start (code {proc.returncode}): "
+                                    f"{last_error(log)}")
+        with contextlib.suppress(OSError), socket.create_connection((settings.connect_host, settings.port),
+                                                                    timeout=1):
+            return proc
+        time.sleep(0.3)
+    stop_group(proc)
+    raise ServerDeployError(f"the SuperLink did not open {settings.connect_host}:{settings.port} within 60 "
+                            f"s; see {log}")
+
+
+def admit_clients(cli: FlowerCli, keys: tuple[Path, ...]) -> list[str]:
+    """Register every public key with the SuperLink (in parallel: a `flwr` call costs a second or two)."""
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        list(pool.map(lambda key: cli.json("supernode", "register", str(key), CONNECTION, "--name", key.stem),
+                      keys))
+    return [key.stem for key in keys]
+
+
+def online_nodes(cli: FlowerCli) -> int:
+    nodes = cli.json("supernode", "list", CONNECTION).get("nodes", [])
+    return sum(1 for n in nodes if n.get("status") == "online")
+
+
+def wait_for_clients(cli: FlowerCli, needed: int, timeout: float, superlink: subprocess.Popen,
+                     log: Path) -> int:
+    deadline, seen = time.monotonic() + timeout, -1
+    while True:
+        if superlink.poll() is not None:
+            raise ServerDeployError(f"the SuperLink stopped (code {superlink.returncode}): {last_error(log)}")
+        online = online_nodes(cli)
+        if online != seen:
+            print(f"clients connected: {online} (need {needed})", flush=True)
+            seen = online
+        if online >= needed:
+            return online
+        if time.monotonic() > deadline:
+            raise ServerDeployError(f"only {online} of the {needed} clients the run starts with connected "
+                                    f"within {timeout:.0f} s; start more clients (fedpriv client), or lower "
+                                    "--start-clients / --min-clients")
+        time.sleep(2.0)
+
+
+def _short(reason: str, width: int = 90) -> str:
+    reason = " ".join(str(reason).split())
+    return reason if len(reason) <= width else reason[: width - 3] + "..."
+
+
+def describe_round(record: Mapping[str, Any], num_rounds: int) -> str:
+    acc = record.get("server", {}).get("accuracy")
+    accuracy = f"accuracy {acc:.4f}" if acc is not None else "accuracy n/a"
+    parts = [f"round {record['round']}/{num_rounds}", accuracy]
+    trained = [e["client_id"] for e in record.get("train", [])]
+    parts.append(f"trained: {', '.join(trained) or 'none'}")
+    if record.get("missing"):
+        parts.append(f"missing: {', '.join(record['missing'])}")
+    for key in ("dropped", "refused"):
+        for entry in record.get(key, []):
+            parts.append(f"{key} {entry['client_id']}: {_short(entry['reason'])}")
+    parts.append(f"{record.get('seconds', 0.0):.1f} s")
+    return "  ".join(parts)
+
+
+def follow_run(cli: FlowerCli, run_id: str, settings: ServerSettings, num_rounds: int, env: Mapping[str, str],
+               superlink: subprocess.Popen) -> str:
+    """Print each round as its record lands; return the run's final status (e.g. 'finished:completed')."""
+    metrics = settings.run_dir / "metrics.json"
+    log = settings.deploy_dir / "serverapp.log"
+    # The ServerApp's own output (Flower's log stream of the run) goes to a file; this process prints rounds.
+    log_cmd = [flower_bin("flwr"), "log", run_id, CONNECTION, "--stream"]
+    stream = start_group(log_cmd, env, log)
+    printed: set[int] = set()
+    last_status_check = time.monotonic()
+    try:
+        while True:
+            if metrics.exists():
+                with contextlib.suppress(json.JSONDecodeError, OSError):
+                    for record in json.loads(metrics.read_text())["rounds"]:
+                        if record["round"] >= 1 and record["round"] not in printed:
+                            printed.add(record["round"])
+                            print(describe_round(record, num_rounds), flush=True)
+            if superlink.poll() is not None:
+                raise ServerDeployError(f"the SuperLink stopped (code {superlink.returncode}) during the "
+                                        f"run: {last_error(settings.deploy_dir / 'superlink.log')}")
+            # The log stream ends with the run; a status check now and then covers a stream that broke off.
+            if stream.poll() is not None or time.monotonic() - last_status_check > 30:
+                last_status_check = time.monotonic()
+                status = run_status(cli, run_id)
+                if status.startswith("finished"):
+                    time.sleep(0.5)  # the last record is written before the run is marked finished
+                    return status
+                if stream.poll() is not None:
+                    stream = start_group(log_cmd, env, log)
+            time.sleep(1.0)
+    finally:
+        stop_group(stream, grace=2)
+
+
+def run_status(cli: FlowerCli, run_id: str) -> str:
+    runs = cli.json("list", CONNECTION, "--run-id", run_id).get("runs", [])
+    return str(runs[0].get("status", "unknown")) if runs else "unknown"
+
+
+def serve(run_config: Mapping[str, Any], settings: ServerSettings) -> str:
+    """The whole server side of one run; returns the final status. Stops everything it started."""
+    deploy = settings.deploy_dir
+    deploy.mkdir(parents=True, exist_ok=True)
+    env = flower_env(deploy / "flwr-home")
+    root_cert = settings.certs.ca_cert if settings.certs else None
+    write_connection(deploy / "flwr-home", f"{settings.connect_host}:{settings.port}", root_cert)
+    cli = FlowerCli(env)
+    app_dir = stage_app(run_config, deploy / "app")
+    superlink = start_superlink(settings, env)
+    run_id = None
+    try:
+        security = "TLS, SuperNode authentication" if settings.certs else "INSECURE"
+        print(f"SuperLink on {settings.host}:{settings.port} ({security}); log {deploy / 'superlink.log'}",
+              flush=True)
+        if settings.public_keys:
+            names = admit_clients(cli, settings.public_keys)
+            print(f"admitted clients (public keys): {', '.join(names)}", flush=True)
+        wait_for_clients(cli, settings.start_clients, settings.start_timeout, superlink,
+                         deploy / "superlink.log")
+        run_id = str(cli.json("run", str(app_dir), CONNECTION)["run-id"])
+        print(f"run {run_id} started: {run_config['num-rounds']} rounds, records in {settings.run_dir}; "
+              f"ServerApp log {deploy / 'serverapp.log'}", flush=True)
+        return follow_run(cli, run_id, settings, int(run_config["num-rounds"]), env, superlink)
+    finally:
+        # Everything the run needs is on disk by now; the SuperLink's graceful stop waits on clients' open
+        # connections, which nothing here needs.
+        stop_group(superlink, grace=3.0)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    from simulations.simulate import add_run_flags
+
+    p = subparsers.add_parser("server",
+                              help="run a deployment's server: a Flower SuperLink and the fedpriv run",
+                              description="Start a Flower SuperLink (TLS and client authentication by "
+                                          "default), wait for clients, run fedpriv on them and write the "
+                                          "records into --out.")
+    add_run_flags(p)
+    d = p.add_argument_group("deployment")
+    d.add_argument("--address", default=DEFAULT_ADDRESS, metavar="HOST:PORT",
+                   help=f"where the SuperLink listens (default {DEFAULT_ADDRESS}; "
+                        "0.0.0.0:PORT serves other machines)")
+    d.add_argument("--certs",
+                   help="a `fedpriv certs` folder: ca.crt, server.crt, server.key, client-keys/*.pub")
+    d.add_argument("--insecure", action="store_true",
+                   help="no TLS, no authentication: loopback experiments only")
+    d.add_argument("--min-clients", type=int,
+                   help="replies a round needs to count (the run config's min-clients)")
+    d.add_argument("--round-timeout", type=float, help="seconds a round waits for its clients' replies")
+    d.add_argument("--start-clients", type=int, metavar="N",
+                   help="clients that must be connected before the run starts (default: --min-clients)")
+    d.add_argument("--start-timeout", type=float, default=600.0, metavar="SECONDS",
+                   help="how long to wait for them (default 600)")
+    d.add_argument("--resume", metavar="RUN_DIR", help="continue that run from its last finished round")
+    p.set_defaults(func=run_server)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def run_server(args: argparse.Namespace) -> int:
+    from simulations.runconfig import validate
+
+    host, port = parse_address(args.address)
+    certs, keys = security_from(args, host)
+    run_config = run_config_from(args)
+    validate(run_config)
+    if certs is None:
+        loud_insecure_warning()
+    check_port_free(host, port)
+    start_clients = args.start_clients or int(run_config["min-clients"])
+    if start_clients < int(run_config["min-clients"]):
+        raise ServerDeployError(f"--start-clients {start_clients} is below min-clients "
+                                f"{run_config['min-clients']}; the first round could not count; start with "
+                                "at least --min-clients clients")
+    settings = ServerSettings(host, port, certs, keys, Path(run_config["out-dir"]), start_clients,
+                              args.start_timeout)
+    settings.run_dir.mkdir(parents=True, exist_ok=True)
+    signal.signal(signal.SIGTERM, _interrupt)  # a stop request ends like Ctrl-C: the SuperLink is stopped too
+    try:
+        status = serve(run_config, settings)
+    except KeyboardInterrupt:
+        print("server stopped; every finished round is kept. Continue with: fedpriv server --resume "
+              f"{settings.run_dir} {'--certs ' + str(certs.root) if certs else '--insecure'} --address "
+              f"{args.address}",
+              file=sys.stderr)
+        return 130
+    if status != "finished:completed":
+        raise ServerDeployError(f"run ended {status}: {last_error(settings.deploy_dir / 'serverapp.log')}; "
+                                f"full log {settings.deploy_dir / 'serverapp.log'}")
+    reports = ", privacy.json, report.md, report.html" if (settings.run_dir / "privacy.json").exists() else ""
+    print(f"run finished; records in {settings.run_dir} (config.toml, metrics.json, metrics.csv, model.pt"
+          f"{reports})")
+    return 0
+

@@ -4,7 +4,9 @@
         --out benchmarks/results/deploy_rounds.json
 
 The workload is the CNN on Fashion-MNIST, each client training on its own file of `--examples` examples
-(written by client.split, the same files for every variant), one local epoch a round. Variants:
+(written by client.split, the same files for every variant), one local epoch a round. With
+`--dataset digits --model mlp` the work is next to nothing and a round's time is the transport's overhead.
+Variants:
 
 - inprocess: the in-process engine, clients one after another in this process, fed the same files.
 - flower: `fedpriv server` (a SuperLink with TLS and SuperNode authentication) and one `fedpriv client` per
@@ -41,21 +43,22 @@ CLIENT_FLAGS = {"flower": ["--executor", "flower"], "fork": ["--executor", "fork
                 "fork-poll": ["--executor", "fork", "--poll-interval", "0.5"]}
 
 
-def run_config(rounds: int, clients: int, out_dir: Path) -> dict:
+def run_config(rounds: int, clients: int, out_dir: Path, dataset: str = "fashion-mnist",
+               model: str = "cnn") -> dict:
     from simulations.runconfig import resolve
 
-    return resolve(None, {"dataset": "fashion-mnist", "model": "cnn", "num-rounds": rounds,
-                          "num-clients": clients, "min-clients": clients, "out-dir": str(out_dir)})
+    return resolve(None, {"dataset": dataset, "model": model, "num-rounds": rounds, "num-clients": clients,
+                          "min-clients": clients, "out-dir": str(out_dir)})
 
 
-def run_inprocess(files: list[Path], rounds: int, out_dir: Path) -> None:
+def run_inprocess(files: list[Path], rounds: int, out_dir: Path, dataset: str, model: str) -> None:
     """The in-process engine over the same client files (node config `data-path`, as a SuperNode gets)."""
     import client.app
     import server.app
     from simulations.inprocess import run_inprocess as engine
 
     nodes = [{"data-path": str(f), "client-id": f.stem} for f in files]
-    engine(server.app.app, client.app.app, nodes, run_config(rounds, len(files), out_dir))
+    engine(server.app.app, client.app.app, nodes, run_config(rounds, len(files), out_dir, dataset, model))
 
 
 def _free_port() -> int:
@@ -78,15 +81,15 @@ def _stop(proc: subprocess.Popen) -> None:
             proc.wait(timeout=15)
 
 
-def run_deployed(files: list[Path], certs: Path, rounds: int, out_dir: Path, executor: str,
-                 work: Path) -> None:
+def run_deployed(files: list[Path], certs: Path, rounds: int, out_dir: Path, executor: str, work: Path,
+                 dataset: str, model: str) -> None:
     env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
     address = f"127.0.0.1:{_free_port()}"
     threads = max(1, (os.cpu_count() or 1) // len(files))
     procs = []
     try:
         server = _fedpriv(["server", "--certs", str(certs), "--address", address,
-                           "--dataset", "fashion-mnist", "--model", "cnn", "--rounds", str(rounds),
+                           "--dataset", dataset, "--model", model, "--rounds", str(rounds),
                            "--num-clients", str(len(files)),
                            "--min-clients", str(len(files)), "--round-timeout", "900", "--out", str(out_dir)],
                           work / f"server-{executor}.out", env)
@@ -99,7 +102,7 @@ def run_deployed(files: list[Path], certs: Path, rounds: int, out_dir: Path, exe
         for f in files:
             procs.append(_fedpriv(["client", "--superlink", address, "--certs", str(certs), "--data", str(f),
                                    "--state-dir", str(work / f"state-{executor}-{f.stem}"), "--threads",
-                                   str(threads), "--dataset", "fashion-mnist", *CLIENT_FLAGS[executor]],
+                                   str(threads), "--dataset", dataset, *CLIENT_FLAGS[executor]],
                                   work / f"{f.stem}-{executor}.out", env))
         if server.wait(timeout=3600) != 0:
             raise SystemExit(f"fedpriv server failed: {server_out.read_text()[-2000:]}")
@@ -108,18 +111,20 @@ def run_deployed(files: list[Path], certs: Path, rounds: int, out_dir: Path, exe
             _stop(proc)
 
 
-def measure(variant: str, files: list[Path], certs: Path, rounds: int, work: Path) -> dict:
+def measure(variant: str, files: list[Path], certs: Path, rounds: int, work: Path, dataset: str,
+            model: str) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     out_dir = work / f"run-{variant}"
     started = time.perf_counter()
     if variant == "inprocess":
         # A fresh interpreter, as the deployment's processes are: nothing cached from an earlier variant.
         code = subprocess.call([sys.executable, "-m", "benchmarks.deploy_rounds", "--one", str(out_dir),
-                                "--rounds", str(rounds), "--files", *map(str, files)], cwd=ROOT)
+                                "--rounds", str(rounds), "--dataset", dataset, "--model", model,
+                                "--files", *map(str, files)], cwd=ROOT)
         if code != 0:
             raise SystemExit(f"in-process run failed (exit {code})")
     else:
-        run_deployed(files, certs, rounds, out_dir, variant, work)
+        run_deployed(files, certs, rounds, out_dir, variant, work, dataset, model)
     wall = time.perf_counter() - started
     records = json.loads((out_dir / "metrics.json").read_text())["rounds"]
     seconds = [r["seconds"] for r in records if r["round"] >= 1]
@@ -136,6 +141,8 @@ def main() -> None:
     parser.add_argument("--clients", type=int, nargs="+", default=[2, 5])
     parser.add_argument("--examples", type=int, default=2000, help="examples per client")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--dataset", default="fashion-mnist")
+    parser.add_argument("--model", default="cnn")
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     parser.add_argument("--out", default="benchmarks/results/deploy_rounds.json")
     parser.add_argument("--one", help=argparse.SUPPRESS)
@@ -145,7 +152,7 @@ def main() -> None:
         import logging
 
         logging.getLogger("flwr").setLevel(logging.WARNING)
-        run_inprocess([Path(f) for f in args.files], args.rounds, Path(args.one))
+        run_inprocess([Path(f) for f in args.files], args.rounds, Path(args.one), args.dataset, args.model)
         return
 
     from client.split import split_dataset
@@ -155,11 +162,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="fedpriv-deploy-bench-") as tmp:
         work = Path(tmp)
         for n in args.clients:
-            data = split_dataset("fashion-mnist", n, "iid", work / f"data-{n}", seed=42,
+            data = split_dataset(args.dataset, n, "iid", work / f"data-{n}", seed=42,
                                  max_examples=args.examples)
             certs = create_certs(work / f"certs-{n}", ["localhost", "127.0.0.1"], clients=n)
             for variant in args.variants:
-                row = measure(variant, [f.path for f in data], certs.root, args.rounds, work / f"n{n}")
+                row = measure(variant, [f.path for f in data], certs.root, args.rounds, work / f"n{n}",
+                              args.dataset, args.model)
                 row["load_average"] = round(os.getloadavg()[0], 2)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
@@ -169,7 +177,8 @@ def main() -> None:
             row["steady_vs_inprocess"] = round(row["steady_round_seconds"] / base["steady_round_seconds"], 2)
             row["round1_vs_inprocess"] = round(row["round1_seconds"] / base["round1_seconds"], 2)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"examples_per_client": args.examples, "rounds": args.rounds,
+    Path(args.out).write_text(json.dumps({"dataset": args.dataset, "model": args.model,
+                                          "examples_per_client": args.examples, "rounds": args.rounds,
                                           "cpus": os.cpu_count(), "rows": rows}, indent=1))
     print(f"wrote {args.out}")
 

@@ -431,7 +431,8 @@ def write_comparison(config: CompareConfig, cells: Sequence[Cell], out: Path) ->
     for block in blocks:
         if isinstance(block, Figure):
             files[block.filename.removesuffix(".png")] = out / block.filename
-    private = next((r for r in rows if r["epsilon"] is not None), None)
-    if private is not None:
-        files["privacy_report"] = out / private["run_dir"] / "report.html"
+    # A federated DP cell's report shows the most: one epsilon per client.
+    private = sorted((r for r in rows if r["epsilon"] is not None), key=lambda r: r["setting"] == CENTRALIZED)
+    if private:
+        files["privacy_report"] = out / private[0]["run_dir"] / "report.html"
     return files

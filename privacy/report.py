@@ -9,19 +9,29 @@ Both documents are rendered from one list of blocks, so the Markdown and the HTM
 from __future__ import annotations
 
 import argparse
-import base64
 import datetime as dt
-import html
-import io
 import json
 import math
-import os
 import re
 import sys
 from dataclasses import dataclass
 from decimal import ROUND_CEILING, Decimal
 from pathlib import Path
 from typing import Any
+
+from privacy.documents import (
+    Block,
+    Bullets,
+    Code,
+    Figure,
+    FigureRow,
+    Heading,
+    Para,
+    Table,
+    new_axes,
+    png_bytes,
+    write_documents,
+)
 
 __all__ = ["ReportError", "register", "render_reports", "run_report"]
 
@@ -388,156 +398,17 @@ def _accountant(name: str) -> str:
 
 
 # --------------------------------------------------------------------------------------------------
-# Document blocks, rendered to Markdown and to HTML.
-# --------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Heading:
-    level: int
-    text: str
-
-
-@dataclass(frozen=True)
-class Para:
-    text: str
-
-
-@dataclass(frozen=True)
-class Bullets:
-    items: tuple[str, ...]
-    warning: bool = False
-
-
-@dataclass(frozen=True)
-class Table:
-    headers: tuple[str, ...]
-    rows: tuple[tuple[str, ...], ...]
-
-
-@dataclass(frozen=True)
-class Code:
-    text: str
-
-
-@dataclass(frozen=True)
-class Plot:
-    filename: str
-    caption: str
-    png: bytes
-
-
-@dataclass(frozen=True)
-class PlotRow:
-    plots: tuple[Plot, ...]
-
-
-Block = Heading | Para | Bullets | Table | Code | PlotRow
-
-_MD_SPECIAL = re.compile(r"([\\`*\[\]<>|])")
-
-
-def _md(text: str) -> str:
-    # Values from the records must not become Markdown structure (links, HTML, table cells).
-    return _MD_SPECIAL.sub(r"\\\1", " ".join(text.split("\n")))
-
-
-def _to_markdown(blocks: list[Block]) -> str:
-    out: list[str] = []
-    for b in blocks:
-        if isinstance(b, Heading):
-            out.append(f"{'#' * b.level} {_md(b.text)}")
-        elif isinstance(b, Para):
-            out.append(_md(b.text))
-        elif isinstance(b, Bullets):
-            prefix = "**WARNING** " if b.warning else ""
-            out.append("\n".join(f"- {prefix}{_md(item)}" for item in b.items))
-        elif isinstance(b, Table):
-            lines = ["| " + " | ".join(_md(h) for h in b.headers) + " |",
-                     "|" + "|".join("---" for _ in b.headers) + "|"]
-            lines += ["| " + " | ".join(_md(c) for c in row) + " |" for row in b.rows]
-            out.append("\n".join(lines))
-        elif isinstance(b, Code):
-            longest = max((len(m) for m in re.findall(r"`+", b.text)), default=0)
-            fence = "`" * max(3, longest + 1)
-            out.append(f"{fence}\n{b.text}\n{fence}")
-        elif isinstance(b, PlotRow):
-            # Images on one line so that renderers show them side by side.
-            out.append(" ".join(f"![{_md(p.caption)}]({p.filename})" for p in b.plots))
-            out.append("\n".join(f"- {_md(p.caption)} ({_md(p.filename)})" for p in b.plots))
-    return "\n\n".join(out) + "\n"
-
-
-_CSS = """
-body { font-family: sans-serif; max-width: 70em; margin: 2em auto; padding: 0 1em; line-height: 1.45; }
-table { border-collapse: collapse; margin: 0.8em 0; }
-th, td { border: 1px solid #999; padding: 0.25em 0.6em; text-align: left; vertical-align: top; }
-th { background: #eee; }
-pre { background: #f4f4f4; padding: 0.8em; overflow-x: auto; }
-ul.warnings li { color: #8a1c00; }
-.figrow { display: flex; flex-wrap: wrap; gap: 1em; }
-figure { margin: 0; }
-figure img { max-width: 100%; }
-"""
-
-
-def _to_html(blocks: list[Block], title: str) -> str:
-    e = html.escape
-    out = ["<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
-           f"<title>{e(title)}</title>", f"<style>{_CSS}</style>", "</head>", "<body>"]
-    for b in blocks:
-        if isinstance(b, Heading):
-            out.append(f"<h{b.level}>{e(b.text)}</h{b.level}>")
-        elif isinstance(b, Para):
-            out.append(f"<p>{e(b.text)}</p>")
-        elif isinstance(b, Bullets):
-            cls = ' class="warnings"' if b.warning else ""
-            prefix = "<strong>WARNING</strong> " if b.warning else ""
-            out.append(f"<ul{cls}>" + "".join(f"<li>{prefix}{e(i)}</li>" for i in b.items) + "</ul>")
-        elif isinstance(b, Table):
-            head = "".join(f"<th>{e(h)}</th>" for h in b.headers)
-            body = "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>" for row in b.rows)
-            out.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
-        elif isinstance(b, Code):
-            out.append(f"<pre><code>{e(b.text)}</code></pre>")
-        elif isinstance(b, PlotRow):
-            figs = []
-            for p in b.plots:
-                data = base64.b64encode(p.png).decode("ascii")
-                figs.append(f'<figure><img alt="{e(p.caption)}" src="data:image/png;base64,{data}">'
-                            f"<figcaption>{e(p.caption)}</figcaption></figure>")
-            out.append('<div class="figrow">' + "".join(figs) + "</div>")
-    out += ["</body>", "</html>"]
-    return "\n".join(out) + "\n"
-
-
-# --------------------------------------------------------------------------------------------------
-# Figures (matplotlib's Agg canvas on a bare Figure: no pyplot, so no global backend state).
+# Figures (privacy/documents.py renders the blocks and draws on a bare matplotlib Figure).
 # --------------------------------------------------------------------------------------------------
 
 
 def _new_axes(title: str, ylabel: str) -> tuple[Any, Any]:
-    from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
-    fig = Figure(figsize=(5.2, 3.6), dpi=100, layout="constrained")
-    ax = fig.add_subplot()
-    ax.set_title(title, fontsize=10)
-    ax.set_xlabel("round")
-    ax.set_ylabel(ylabel)
-    ax.grid(True, alpha=0.3)
+    fig, ax = new_axes(title, "round", ylabel, size=(5.2, 3.6))
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds are whole numbers
     return fig, ax
 
-
-def _png(fig: Any) -> bytes:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    FigureCanvasAgg(fig)
-    buf = io.BytesIO()
-    # No 'Software' metadata: the same records give byte-identical images.
-    fig.savefig(buf, format="png", metadata={"Software": None})
-    return buf.getvalue()
 
 
 def _plot_sample(sample: SampleLevel) -> bytes:
@@ -561,7 +432,7 @@ def _plot_sample(sample: SampleLevel) -> bytes:
     ax.set_ylim(bottom=0)
     if len(sample.clients) <= 12:
         ax.legend(fontsize=7)
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def _plot_user(user: UserLevel, delta: float) -> bytes:
@@ -572,13 +443,13 @@ def _plot_user(user: UserLevel, delta: float) -> bytes:
         ax.plot([rounds[-1]], [user.epsilon_pld], marker="s", linestyle="none", label="PLD (final)")
     ax.set_ylim(bottom=0)
     ax.legend(fontsize=7)
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def _plot_accuracy(rounds: list[RoundMetrics]) -> bytes:
     fig, ax = _new_axes("Server accuracy", "accuracy")
     ax.plot([r.round for r in rounds], [r.accuracy for r in rounds], marker="o", color="tab:green")
-    return _png(fig)
+    return png_bytes(fig)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -980,15 +851,15 @@ def _build(run_dir: Path) -> tuple[list[Block], str]:
 
     plots = []
     if p.sample is not None and any(c.epsilon_per_round for c in p.sample.clients):
-        plots.append(Plot(FIG_SAMPLE, "Sample-level epsilon over rounds per client; dashed: budget.",
+        plots.append(Figure(FIG_SAMPLE, "Sample-level epsilon over rounds per client; dashed: budget.",
                           _plot_sample(p.sample)))
     if p.user is not None and p.user.epsilon_per_round:
-        plots.append(Plot(FIG_USER, "User-level epsilon over rounds.", _plot_user(p.user, p.delta)))
+        plots.append(Figure(FIG_USER, "User-level epsilon over rounds.", _plot_user(p.user, p.delta)))
     with_acc = [m for m in metrics if m.accuracy is not None]
     if with_acc:
-        plots.append(Plot(FIG_ACCURACY, "Server accuracy over rounds.", _plot_accuracy(with_acc)))
+        plots.append(Figure(FIG_ACCURACY, "Server accuracy over rounds.", _plot_accuracy(with_acc)))
     if plots:
-        blocks += [Heading(2, "Privacy spent and accuracy over rounds"), PlotRow(tuple(plots))]
+        blocks += [Heading(2, "Privacy spent and accuracy over rounds"), FigureRow(tuple(plots))]
     if metrics:
         blocks += [Heading(2, "Rounds"), _rounds_table(metrics)]
 
@@ -1011,18 +882,6 @@ def _build(run_dir: Path) -> tuple[list[Block], str]:
     return blocks, title
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    # A crash mid-write must not leave a half report that looks complete.
-    # Plain open() (not mkstemp) so the report gets the usual umask permissions and stays readable.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def render_reports(run_dir: str | Path) -> tuple[Path, Path]:
     """Write RUN_DIR/report.md (plus its PNG figures) and RUN_DIR/report.html; return (md, html) paths."""
     folder = Path(run_dir).resolve()
@@ -1030,13 +889,7 @@ def render_reports(run_dir: str | Path) -> tuple[Path, Path]:
         raise _fail(f"run folder '{run_dir}' does not exist or is not a folder",
                     "pass the folder a DP training run wrote its records into")
     blocks, title = _build(folder)
-    for block in blocks:
-        if isinstance(block, PlotRow):
-            for plot in block.plots:
-                _write_atomic(folder / plot.filename, plot.png)
-    md_path, html_path = folder / REPORT_MD, folder / REPORT_HTML
-    _write_atomic(md_path, _to_markdown(blocks).encode("utf-8"))
-    _write_atomic(html_path, _to_html(blocks, title).encode("utf-8"))
+    md_path, html_path = write_documents(folder, Path(REPORT_MD).stem, blocks, title)
     return md_path, html_path
 
 

@@ -16,9 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from client import parse_partition
-from simulations.cells import Cell
-from simulations.compare import CENTRALIZED, NO_DP, CompareConfig
-from simulations.documents import (
+from privacy.documents import (
     Block,
     Bullets,
     Figure,
@@ -30,6 +28,8 @@ from simulations.documents import (
     write_atomic,
     write_documents,
 )
+from simulations.cells import Cell
+from simulations.compare import CENTRALIZED, NO_DP, CompareConfig
 from simulations.outcomes import RunOutcome, read_outcome
 
 COLUMNS = ("setting", "partition", "alpha", "num_clients", "privacy", "target_epsilon", "seed", "rounds",

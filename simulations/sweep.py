@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from client import ConfigError
+from privacy.documents import Block, Bullets, Figure, Heading, Para, Table, write_atomic, write_documents
 from simulations.cells import RUNS, Cell, GridResult, cell_folder_name, run_grid
 from simulations.compare import check_run_config
 from simulations.comparison_report import (
@@ -31,7 +32,6 @@ from simulations.comparison_report import (
     plot_accuracy_vs_work,
     rows_csv,
 )
-from simulations.documents import Block, Bullets, Figure, Heading, Para, Table, write_atomic, write_documents
 from simulations.outcomes import RunOutcome, read_outcome
 from simulations.runconfig import resolve
 from simulations.simulate import RUN_FLAGS, add_run_flags, overrides_from

@@ -204,3 +204,40 @@ def _check_ray_matches_inprocess(tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         np.testing.assert_array_equal(a[k].numpy(), b[k].numpy())
+
+
+class _SlowGrid:
+    """Replies appear on the pull after next; one destination never answers."""
+
+    def __init__(self, silent: set[int]) -> None:
+        self.silent, self.pulls, self.pending = silent, 0, {}
+
+    def push_messages(self, messages):
+        ids = []
+        for i, msg in enumerate(messages):
+            self.pending[f"m{i}"] = msg
+            ids.append(f"m{i}")
+        return ids
+
+    def pull_messages(self, message_ids):
+        from types import SimpleNamespace
+
+        self.pulls += 1
+        if self.pulls < 2:
+            return []
+        return [SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id=mid)) for mid in message_ids
+                if self.pending[mid] not in self.silent]
+
+
+def test_exchange_polls_until_all_replies_or_timeout():
+    from server.rounds import exchange
+
+    grid = _SlowGrid(silent=set())
+    replies = exchange(grid, [1, 2, 3], timeout=5.0, poll_seconds=0.01)
+    assert sorted(r.metadata.reply_to_message_id for r in replies) == ["m0", "m1", "m2"] and grid.pulls == 2
+
+    grid = _SlowGrid(silent={2})
+    replies = exchange(grid, [1, 2, 3], timeout=0.2, poll_seconds=0.01)
+    # m1 never answers: the loop stops at the timeout with the replies it has, pulling only what is missing.
+    assert sorted({r.metadata.reply_to_message_id for r in replies}) == ["m0", "m2"] and grid.pulls > 3
+    assert exchange(grid, [], timeout=1.0) == []

@@ -889,8 +889,7 @@ def render_reports(run_dir: str | Path) -> tuple[Path, Path]:
         raise _fail(f"run folder '{run_dir}' does not exist or is not a folder",
                     "pass the folder a DP training run wrote its records into")
     blocks, title = _build(folder)
-    md_path, html_path = write_documents(folder, Path(REPORT_MD).stem, blocks, title)
-    return md_path, html_path
+    return write_documents(folder, Path(REPORT_MD).stem, blocks, title)
 
 
 def run_report(args: argparse.Namespace) -> int:

@@ -13,15 +13,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import os
 import queue
 import re
-import shutil
 import signal
 import socket
 import ssl
-import subprocess
 import sys
 import threading
 import time
@@ -37,6 +34,7 @@ from cryptography.hazmat.primitives.serialization import load_ssh_private_key
 from client.config import ConfigError, DataConfig
 from client.datasets import DATASETS
 from client.localfile import load_local_file
+from client.processes import die_with_parent, flower_bin, flower_env, start_group, stop_group
 from client.task import file_data
 
 EXECUTORS = ("flower", "fork")
@@ -58,70 +56,6 @@ EXCEPTION_LINE = re.compile(r"^[\w.]*(Error|Exception): ")
 
 class ClientDeployError(ConfigError):
     """A client that cannot start as asked; the message names the value and the fix."""
-
-
-# ---- process plumbing (the server side has its own copy: packages do not share internals) ------------------
-
-def flower_bin(name: str) -> str:
-    """A Flower executable of this environment: next to this Python first, so an un-activated venv works."""
-    here = Path(sys.executable).parent / name
-    found = str(here) if here.exists() else shutil.which(name)
-    if found is None:
-        raise ClientDeployError(f"{name} was not found next to {sys.executable} or on PATH; install flwr "
-                                "(pip install 'flwr[simulation]==1.41.0') in this environment")
-    return found
-
-
-def flower_env(flwr_home: Path, threads: int | None = None) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update({
-        "FLWR_HOME": str(flwr_home),
-        # Without it the SuperNode would `uv sync` the app's dependencies for every run (offline: fails).
-        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-        "FLWR_TELEMETRY_ENABLED": "0",
-        "FLWR_DISABLE_UPDATE_CHECK": "1",
-        "PYTHONUNBUFFERED": "1",
-        # Flower starts flower-superexec and flwr-clientapp by name: they must be found even without an
-        # activated venv.
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
-    })
-    if threads:
-        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
-    return env
-
-
-def _die_with_parent() -> None:
-    """Runs in the child before exec: on Linux the kernel kills it when `fedpriv client` dies, however it dies
-    (a SuperNode left behind would keep a data owner's node online with nobody watching it)."""
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError):
-            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-
-def start_group(cmd: list[str], env: dict[str, str], log: Path | None = None,
-                pipe: bool = False) -> subprocess.Popen:
-    """Start cmd as the leader of a new process group, so stopping it stops everything it started."""
-    out = subprocess.PIPE if pipe else (open(log, "ab") if log else subprocess.DEVNULL)  # noqa: SIM115
-    try:
-        return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                                preexec_fn=_die_with_parent)
-    finally:
-        if not pipe and log:
-            out.close()  # the child holds its own copy
-
-
-def stop_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
-    """SIGTERM to the whole group, SIGKILL to whatever is left after `grace` seconds."""
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            pass
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)  # stragglers in the group (Flower's own children)
-    proc.wait()
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -557,7 +491,7 @@ def serve_forked_tasks(runtime_api_address: str, warm_dataset: str | None = None
                 try:
                     # Dies with the executor (a crashed client leaves no task behind); the kernel forgets
                     # PDEATHSIG across fork, hence set again here, and the check covers a parent gone already.
-                    _die_with_parent()
+                    die_with_parent()
                     if os.getppid() != parent:
                         os._exit(1)
                     run_clientapp(runtime_api_address=runtime_api_address, token=res.token, insecure=True,

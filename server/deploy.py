@@ -15,11 +15,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import importlib.metadata
 import importlib.util
 import json
-import os
 import shutil
 import signal
 import socket
@@ -35,6 +33,7 @@ from typing import Any
 import tomli_w
 
 from client import ConfigError
+from client.processes import flower_bin, flower_env, start_group, stop_group
 from server.certs import CertFiles, check_public_key, check_server_certs
 
 CONNECTION = "fedpriv"
@@ -46,58 +45,6 @@ WILDCARD_HOSTS = ("0.0.0.0", "::", "")
 
 class ServerDeployError(ConfigError):
     """A server that cannot start or run as asked; the message names the value and the fix."""
-
-
-# ---- process plumbing (the client side has its own copy: packages do not share internals) ------------------
-
-def flower_bin(name: str) -> str:
-    here = Path(sys.executable).parent / name
-    found = str(here) if here.exists() else shutil.which(name)
-    if found is None:
-        raise ServerDeployError(f"{name} was not found next to {sys.executable} or on PATH; install flwr "
-                                "(pip install 'flwr[simulation]==1.41.0') in this environment")
-    return found
-
-
-def flower_env(flwr_home: Path) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update({
-        "FLWR_HOME": str(flwr_home),
-        # Without it the SuperLink would `uv sync` the app's dependencies for every run (offline: fails).
-        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-        "FLWR_TELEMETRY_ENABLED": "0",
-        "FLWR_DISABLE_UPDATE_CHECK": "1",
-        "PYTHONUNBUFFERED": "1",
-        # Flower starts flower-superexec and flwr-serverapp by name: found even without an activated venv.
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
-    })
-    return env
-
-
-def _die_with_parent() -> None:
-    """In the child before exec: on Linux the kernel kills it when `fedpriv server` dies, however it dies,
-    so a killed server leaves no SuperLink behind (a restart with --resume needs its port)."""
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError):
-            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-
-def start_group(cmd: list[str], env: Mapping[str, str], log: Path) -> subprocess.Popen:
-    """cmd as the leader of a new process group (stopping the group stops what it started), output to log."""
-    with open(log, "ab") as out:
-        return subprocess.Popen(cmd, env=dict(env), stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True, preexec_fn=_die_with_parent)
-
-
-def stop_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=grace)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
 
 
 def _tail(path: Path, lines: int = 200) -> list[str]:

@@ -10,15 +10,16 @@ from __future__ import annotations
 import base64
 import html
 import io
-import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from privacy.files import write_atomic
+
 __all__ = ["Block", "Bullets", "Code", "Figure", "FigureRow", "Heading", "Para", "Table", "figures_of", "new_axes",
-           "png_bytes", "to_html", "to_markdown", "write_atomic", "write_documents"]
+           "png_bytes", "to_html", "to_markdown", "write_documents"]
 
 
 @dataclass(frozen=True)
@@ -169,18 +170,6 @@ def write_documents(folder: Path, stem: str, blocks: Sequence[Block], title: str
     write_atomic(md, to_markdown(blocks).encode("utf-8"))
     write_atomic(page, to_html(blocks, title).encode("utf-8"))
     return md, page
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    # A document cut off halfway must not look complete. Plain open() (not mkstemp) so the file gets the
-    # usual umask permissions and stays readable.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def new_axes(title: str, xlabel: str, ylabel: str, size: tuple[float, float] = (6.0, 4.0)) -> tuple[Any, Any]:

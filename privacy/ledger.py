@@ -7,16 +7,15 @@ resets silently: an unreadable file or someone else's file is an error the opera
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from privacy.accounting import PrivacyError, Step, compute_epsilon
+from privacy.files import write_atomic
 
 LEDGER_FORMAT = "fedpriv-privacy-ledger"
 LEDGER_VERSION = 1
@@ -105,22 +104,8 @@ class PrivacyLedger:
         return cls(owner=data.get("owner"), entries=entries)  # type: ignore[arg-type]
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Write atomically: a temp file in the same folder, then os.replace, so a crash mid-write leaves
-        the previous ledger intact. Creates parent folders."""
-        target = Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        text = self.to_json()
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                fh.write(text)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        """Write atomically (owner-only), so a crash mid-write leaves the previous ledger intact."""
+        write_atomic(path, self.to_json(), private=True)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], owner: str) -> PrivacyLedger:

@@ -12,18 +12,17 @@ Top level: schema_version, delta, sample_level, user_level, local, library_versi
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
 import platform
-import tempfile
 from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from privacy.accounting import ACCOUNTANTS, SAMPLINGS, PrivacyError
+from privacy.files import write_atomic
 
 SCHEMA_VERSION = 1
 CLIPPINGS = ("fixed", "adaptive")
@@ -76,20 +75,9 @@ def validate_privacy_record(record: Any) -> None:
 
 
 def write_privacy_record(path: str | os.PathLike[str], record: dict[str, Any]) -> None:
-    """Validate `record` and write it as JSON, atomically (temp file + os.replace); creates parent folders."""
+    """Validate `record` and write it as JSON, atomically and owner-only; creates parent folders."""
     validate_privacy_record(record)
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(record, indent=2, allow_nan=False) + "\n"
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    write_atomic(path, json.dumps(record, indent=2, allow_nan=False) + "\n", private=True)
 
 
 def read_privacy_record(path: str | os.PathLike[str]) -> dict[str, Any]:

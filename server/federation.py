@@ -19,9 +19,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from client import DataConfig, TrainConfig, evaluate, load_dataset
 from models import build_model
 from privacy import DPConfig, PrivacyLedger
+from privacy.files import write_atomic
 from server.config import ServerConfig
 from server.privacy_records import ClientPrivacy, PrivacyTracker
-from server.records import RunRecords, atomic_write
+from server.records import RunRecords
 from server.rounds import LoopSettings, RoundRecord, run_rounds
 from server.strategies import build_strategy
 from server.userdp import aggregate_user_dp, build_user_dp_strategy
@@ -45,7 +46,7 @@ class Checkpoint:
     def save(self, out_dir: Path) -> None:
         buffer = io.BytesIO()
         torch.save(self.__dict__, buffer)
-        atomic_write(out_dir / CHECKPOINT, buffer.getvalue())
+        write_atomic(out_dir / CHECKPOINT, buffer.getvalue())
 
     @classmethod
     def load(cls, run_dir: Path) -> Checkpoint:

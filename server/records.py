@@ -10,7 +10,6 @@ import csv
 import io
 import json
 import math
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -18,15 +17,7 @@ from typing import Any
 import tomli_w
 import torch
 
-
-def atomic_write(path: Path, text: str | bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(text.encode() if isinstance(text, str) else text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+from privacy.files import write_atomic
 
 
 def clean(value: Any) -> Any:
@@ -50,7 +41,7 @@ class RunRecords:
         existing = self.out_dir / "metrics.json"
         if keep_existing and existing.exists():  # a resumed run goes on with the rounds already recorded
             self.rounds = json.loads(existing.read_text())["rounds"]
-        atomic_write(self.out_dir / "config.toml", tomli_w.dumps(dict(run_config)))
+        write_atomic(self.out_dir / "config.toml", tomli_w.dumps(dict(run_config)))
 
     def add_round(self, record: dict[str, Any]) -> None:
         self.rounds = [r for r in self.rounds if r["round"] != record["round"]] + [clean(record)]
@@ -64,12 +55,12 @@ class RunRecords:
         path = self.out_dir / "model.pt"
         buffer = io.BytesIO()
         torch.save(dict(state_dict), buffer)
-        atomic_write(path, buffer.getvalue())
+        write_atomic(path, buffer.getvalue())
         return path
 
     def _flush(self) -> None:
-        atomic_write(self.out_dir / "metrics.json", json.dumps({"rounds": self.rounds}, indent=1))
-        atomic_write(self.out_dir / "metrics.csv", metrics_csv(self.rounds))
+        write_atomic(self.out_dir / "metrics.json", json.dumps({"rounds": self.rounds}, indent=1))
+        write_atomic(self.out_dir / "metrics.csv", metrics_csv(self.rounds))
 
 
 def metrics_csv(rounds: list[dict[str, Any]]) -> str:

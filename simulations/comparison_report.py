@@ -25,9 +25,9 @@ from privacy.documents import (
     Table,
     new_axes,
     png_bytes,
-    write_atomic,
     write_documents,
 )
+from privacy.files import write_atomic
 from simulations.cells import Cell
 from simulations.compare import CENTRALIZED, NO_DP, CompareConfig
 from simulations.outcomes import RunOutcome, read_outcome

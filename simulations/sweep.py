@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from client import ConfigError
-from privacy.documents import Block, Bullets, Figure, Heading, Para, Table, write_atomic, write_documents
+from privacy.documents import Block, Bullets, Figure, Heading, Para, Table, write_documents
+from privacy.files import write_atomic
 from simulations.cells import RUNS, Cell, GridResult, cell_folder_name, run_grid
 from simulations.compare import check_run_config
 from simulations.comparison_report import (

@@ -218,3 +218,33 @@ def test_reading_a_bad_privacy_record_names_the_file(tmp_path):
     bad.write_text("{")
     with pytest.raises(PrivacyError, match="not readable JSON"):
         read_privacy_record(bad)
+
+
+def test_write_atomic_keeps_the_old_file_on_failure_and_sets_permissions(tmp_path, monkeypatch):
+    import os
+    import stat
+
+    from privacy.files import write_atomic
+
+    ledger, report = tmp_path / "deep" / "ledger.json", tmp_path / "report.md"
+    write_atomic(ledger, "old", private=True)
+    write_atomic(report, b"page")
+    assert stat.S_IMODE(ledger.stat().st_mode) == 0o600
+    assert stat.S_IMODE(report.stat().st_mode) == 0o666 & ~_umask()
+
+    def broken_replace(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", broken_replace)
+    with pytest.raises(OSError, match="disk full"):
+        write_atomic(ledger, "new", private=True)
+    assert ledger.read_text() == "old"
+    assert sorted(p.name for p in ledger.parent.iterdir()) == ["ledger.json"]  # no temp file left
+
+
+def _umask() -> int:
+    import os
+
+    current = os.umask(0)
+    os.umask(current)
+    return current

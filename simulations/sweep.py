@@ -25,6 +25,7 @@ from typing import Any
 from client import ConfigError
 from privacy.documents import Block, Bullets, Figure, Heading, Para, Table, write_documents
 from privacy.files import write_atomic
+from server.records import clean
 from simulations.cells import RUNS, Cell, GridResult, cell_folder_name, run_grid
 from simulations.compare import check_run_config
 from simulations.comparison_report import (
@@ -174,7 +175,7 @@ def write_sweep(plan: SweepPlan, out: Path) -> dict[str, Path]:
     note = selection_note(rows)
     document = {"swept": {k: list(v) for k, v in plan.swept.items()}, "columns": columns, "rows": rows,
                 "summary": summary, "privacy_note": note}
-    write_atomic(files["json"], (json.dumps(_finite(document), indent=1) + "\n").encode("utf-8"))
+    write_atomic(files["json"], (json.dumps(clean(document), indent=1) + "\n").encode("utf-8"))
 
     swept_text = "; ".join(f"{k} in {{{', '.join(map(str, v))}}}" for k, v in plan.swept.items())
     best = max(rows, key=lambda r: r["final_accuracy"] if math.isfinite(r["final_accuracy"]) else -1)
@@ -213,16 +214,6 @@ def _f(value: Any) -> str:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "-"
     return f"{value:.4g}" if isinstance(value, float) else str(value)
-
-
-def _finite(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_finite(v) for v in value]
-    return value
 
 
 # ------------------------------------------------------------------------------------------- the command

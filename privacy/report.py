@@ -19,6 +19,7 @@ from decimal import ROUND_CEILING, Decimal
 from pathlib import Path
 from typing import Any
 
+from privacy.audit_report import audit_section, audit_warning, read_audit
 from privacy.documents import (
     Block,
     Bullets,
@@ -821,9 +822,12 @@ def _build(run_dir: Path) -> tuple[list[Block], str]:
         warnings += _user_warnings(p.user, p.delta)
     if p.local is not None:
         warnings += _local_warnings(p.local)
+    audit = read_audit(run_dir, ReportError)
+    if audit is not None and (violation := audit_warning(audit)) is not None:
+        warnings.append(violation)
     # Incidents first: a reader who stops after the first line must see them.
-    warnings.sort(key=lambda w: not w.startswith("BUDGET EXCEEDED"))
-    incidents = sum(w.startswith("BUDGET EXCEEDED") for w in warnings)
+    warnings.sort(key=lambda w: not w.startswith(("BUDGET EXCEEDED", "AUDIT VIOLATION")))
+    incidents = sum(w.startswith(("BUDGET EXCEEDED", "AUDIT VIOLATION")) for w in warnings)
 
     mtime = dt.datetime.fromtimestamp(privacy_path.stat().st_mtime, tz=dt.UTC)
     written = mtime.strftime("%Y-%m-%d %H:%M UTC")
@@ -864,6 +868,8 @@ def _build(run_dir: Path) -> tuple[list[Block], str]:
         blocks += [Heading(2, "Rounds"), _rounds_table(metrics)]
 
     blocks += _check_section(p)
+    if audit is not None:
+        blocks += audit_section(audit)
     blocks += [
         Heading(2, "What is not counted here"),
         Bullets((

@@ -20,6 +20,7 @@ from client import DataConfig, TrainConfig, evaluate, load_dataset
 from models import build_model
 from privacy import DPConfig, PrivacyLedger
 from privacy.files import write_atomic
+from server.audit import SampleCanaryScores, build_auditor, write_scores
 from server.config import ServerConfig
 from server.privacy_records import ClientPrivacy, PrivacyTracker
 from server.records import RunRecords
@@ -76,14 +77,23 @@ def run_federation(grid: Grid, run_config: Mapping[str, Any], *, progress: bool 
         return evaluate(model, dataset.x_test, dataset.y_test)
 
     aggregate = None
+    # An audit run (fedpriv audit) scores canaries; None otherwise.
+    auditor = build_auditor(dp, model, ArrayRecord(model.state_dict()), server_cfg.fraction_train)
+    user_canaries = None if isinstance(auditor, SampleCanaryScores) else auditor
     if "user" in dp.modes:
         strategy: Strategy = build_user_dp_strategy(dp, data_cfg.num_clients, server_cfg.fraction_train)
 
         def aggregate(server_round: int, replies: list[Message], arrays: ArrayRecord) -> ArrayRecord:
             return aggregate_user_dp(strategy, server_round, replies, arrays, dp, server_cfg.fraction_train,
-                                     server_cfg.seed)
+                                     server_cfg.seed, canaries=user_canaries)
     else:
         strategy = build_strategy(server_cfg, proximal_mu=train_cfg.proximal_mu)
+    if isinstance(auditor, SampleCanaryScores):
+        inner = aggregate or (lambda r, replies, _arrays: strategy.aggregate_train(r, replies)[0])
+
+        def aggregate(server_round: int, replies: list[Message], arrays: ArrayRecord) -> ArrayRecord | None:
+            auditor.observe(server_round, replies, arrays)  # what the server received, before any aggregation
+            return inner(server_round, replies, arrays)
 
     start_round = 1
     if resume_from:
@@ -134,6 +144,8 @@ def run_federation(grid: Grid, run_config: Mapping[str, Any], *, progress: bool 
         arrays = run_rounds(grid, strategy, arrays, settings, evaluate_global, on_round, aggregate)
 
     records.save_model(arrays.to_torch_state_dict())
+    if auditor is not None:
+        write_scores(out_dir, auditor)
     if tracker is not None:
         from privacy.report import render_reports
 

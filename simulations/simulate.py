@@ -107,11 +107,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_run_flags(p)
     p.add_argument("--engine", choices=ENGINES, default="inprocess",
                    help="inprocess: messages handed straight to the ClientApp (fast); ray: Flower's runtime")
+    a = p.add_argument_group("empirical audit (after the run: what `fedpriv audit OUT` does)")
+    a.add_argument("--audit", action="store_true", help="audit the run with canaries right after it")
+    a.add_argument("--canaries", type=int, default=None, metavar="M", help="canaries of the audit (default 1000)")
+    a.add_argument("--confidence", type=float, default=0.95, help="confidence of the audit's lower bound")
     p.set_defaults(func=run_simulate)
 
 
 def run_simulate(args: argparse.Namespace) -> int:
     run_config = resolve(args.config, overrides_from(args, RUN_FLAGS))
+    if args.audit:
+        from simulations.audit import DEFAULT_CANARIES, check_audit_dp
+
+        # Bad audit input fails now, before the run, not after it.
+        check_audit_dp(run_config, args.canaries or DEFAULT_CANARIES, args.confidence)
     # Flower logs every sampling and aggregation step at INFO; the progress bar says what a user needs.
     logging.getLogger("flwr").setLevel(logging.WARNING)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -119,4 +128,11 @@ def run_simulate(args: argparse.Namespace) -> int:
     print(f"records written to {out}  (config.toml, metrics.json, metrics.csv, model.pt)")
     if (out / "privacy.json").exists():
         print(f"privacy report: {out / 'report.html'}  (and report.md, privacy.json)")
+    if args.audit:
+        from simulations.audit import DEFAULT_CANARIES, run_audit, summary_line
+
+        record = run_audit(out, canaries=args.canaries or DEFAULT_CANARIES, confidence=args.confidence,
+                           engine=args.engine)
+        print(summary_line(record))
+        return 0 if record["verdict"] == "consistent" else 1
     return 0

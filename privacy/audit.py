@@ -69,51 +69,60 @@ def epsilon_for(m: int, r: int, v: int, delta: float, p: float) -> float:
     return low
 
 
-def guess_counts(m: int) -> tuple[int, ...]:
-    """The numbers of guesses tried for m canaries (even, distinct, at least 2)."""
-    counts = {max(2, 2 * round(f * m / 2)) for f in GUESS_FRACTIONS}
-    return tuple(sorted(c for c in counts if c <= m))
+def guess_plans(m: int) -> tuple[tuple[int, int], ...]:
+    """The (k+, k-) guess counts tried for m canaries: r guesses split evenly between the top and the bottom
+    scores, and r guesses on the top scores only (more powerful when an included canary can go unused, e.g. a
+    canary client that sampling never picked, which scores like an excluded one)."""
+    plans = set()
+    for f in GUESS_FRACTIONS:
+        r = max(2, 2 * round(f * m / 2))
+        if r <= m:
+            plans.add((r // 2, r // 2))
+        if r < m:  # all m on the top scores alone would guess "included" for every canary
+            plans.add((r, 0))
+    return tuple(sorted(plans, key=lambda kk: (kk[0] + kk[1], kk[1])))
 
 
 @dataclass(frozen=True)
 class Bound:
     epsilon: float
-    guesses: int  # r of the count that gave the bound
+    guesses: int  # r = k+ + k- of the plan that gave the bound
     correct: int  # v
+    top: int  # k+: guesses "included" on the top scores (the other r - k+ are "excluded" on the bottom)
 
 
-def guesses_correct(scores: np.ndarray, included: np.ndarray, r: int) -> int:
-    """Guess "included" on the r/2 highest scores and "excluded" on the r/2 lowest; count correct guesses.
+def guesses_correct(scores: np.ndarray, included: np.ndarray, top: int, bottom: int) -> int:
+    """Guess "included" on the `top` highest scores and "excluded" on the `bottom` lowest; count correct ones.
     Ties are broken by canary index (the scores' order), which does not look at inclusion."""
     order = np.argsort(scores, kind="stable")
-    k = r // 2
-    top, bottom = order[len(order) - (r - k):], order[:k]
-    return int(included[top].sum() + (~included[bottom]).sum())
+    high, low = order[len(order) - top:] if top else order[:0], order[:bottom]
+    return int(included[high].sum() + (~included[low]).sum())
 
 
 def epsilon_lower_bound(scores: np.ndarray, included: np.ndarray, delta: float, confidence: float,
-                        counts: tuple[int, ...] | None = None) -> Bound:
-    """The one-run lower bound at `confidence`, the best over the pre-set guess counts (Bonferroni)."""
+                        plans: tuple[tuple[int, int], ...] | None = None) -> Bound:
+    """The one-run lower bound at `confidence`, the best over the pre-set guess plans (Bonferroni)."""
     scores, included = _check(scores, included)
     if not 0.0 < confidence < 1.0:
         raise PrivacyError(f"confidence {confidence} is not in (0, 1); use e.g. 0.95")
     m = len(scores)
-    counts = counts or guess_counts(m)
-    p = (1.0 - confidence) / len(counts)
-    best = Bound(0.0, counts[0], guesses_correct(scores, included, counts[0]))
-    for r in counts:
-        v = guesses_correct(scores, included, r)
+    plans = plans or guess_plans(m)
+    p = (1.0 - confidence) / len(plans)
+    first = plans[0]
+    best = Bound(0.0, sum(first), guesses_correct(scores, included, *first), first[0])
+    for top, bottom in plans:
+        r, v = top + bottom, guesses_correct(scores, included, top, bottom)
         eps = epsilon_for(m, r, v, delta, p)
         if eps > best.epsilon:
-            best = Bound(eps, r, v)
+            best = Bound(eps, r, v, top)
     return best
 
 
 def best_possible_bound(m: int, delta: float, confidence: float) -> float:
     """The bound m canaries can give at most: every guess correct (a mechanism with no privacy at all)."""
-    counts = guess_counts(m)
-    p = (1.0 - confidence) / len(counts)
-    return max(epsilon_for(m, r, r, delta, p) for r in counts)
+    plans = guess_plans(m)
+    p = (1.0 - confidence) / len(plans)
+    return max(epsilon_for(m, sum(kk), sum(kk), delta, p) for kk in plans)
 
 
 def vacuity_problem(m: int, delta: float, confidence: float) -> str | None:
@@ -227,6 +236,7 @@ def _check(scores: np.ndarray, included: np.ndarray) -> tuple[np.ndarray, np.nda
 class AuditStats:
     canaries: int
     guesses: int
+    guesses_top: int  # of the r guesses, how many were "included" on the top scores
     correct: int
     delta: float
     confidence: float
@@ -244,7 +254,8 @@ def audit_stats(scores: np.ndarray, included: np.ndarray, delta: float, confiden
         raise PrivacyError(problem)
     bound = epsilon_lower_bound(scores, included, delta, confidence)
     return AuditStats(
-        canaries=m, guesses=bound.guesses, correct=bound.correct, delta=delta, confidence=confidence,
+        canaries=m, guesses=bound.guesses, guesses_top=bound.top, correct=bound.correct, delta=delta,
+        confidence=confidence,
         epsilon_lower_bound=bound.epsilon, epsilon_estimate=gaussian_epsilon_estimate(scores, included, delta),
         auroc=auroc(scores, included), tpr_at_1pct_fpr=tpr_at_fpr(scores, included, 0.01),
         best_possible_bound=best_possible_bound(m, delta, confidence),

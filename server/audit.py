@@ -80,8 +80,10 @@ class UserCanaries:
     def _flat(self, arrays: list[np.ndarray]) -> np.ndarray:
         return np.concatenate([a.ravel().astype(float) for a in arrays])
 
-    def replies(self, server_round: int, arrays: ArrayRecord) -> list[Message]:
-        """Updates of the included canary clients Poisson-sampled into this round: C times their direction."""
+    def replies(self, server_round: int, arrays: ArrayRecord, template: Message) -> list[Message]:
+        """Updates of the included canary clients Poisson-sampled into this round: C times their direction.
+        Their metrics are a real reply's (`template`): Flower aggregates only records with equal keys, and
+        DP-FedAvg's aggregated metrics are not used (server/userdp.py)."""
         chosen = [int(j) for j in sampled_clients(self.m, self.rate, self.seed, server_round) if self.included[j]]
         self.sampled.append(chosen)
         old = arrays.to_numpy_ndarrays()
@@ -93,7 +95,7 @@ class UserCanaries:
                 parts[key] = Array(np.asarray(a + step[start:start + a.size].reshape(a.shape), dtype=a.dtype))
                 start += a.size
             content = RecordDict({"arrays": ArrayRecord(parts),
-                                  "metrics": MetricRecord({"unit-weight": 1, "num-examples": 1}),
+                                  "metrics": MetricRecord(dict(template.content["metrics"])),
                                   "meta": ConfigRecord({"client-id": f"canary-{j}"})})
             out.append(Message(content, dst_node_id=0, message_type="train"))
         return out

@@ -54,7 +54,7 @@ def aggregate_user_dp(strategy: UserDPStrategy, server_round: int, replies: list
         return arrays
     n_real = len(replies)
     if canaries is not None:
-        replies = [*replies, *canaries.replies(server_round, arrays)]
+        replies = [*replies, *canaries.replies(server_round, arrays, replies[0])]
     # Flower draws the noise from numpy's global generator; seeding it per round keeps runs reproducible.
     np.random.seed([seed, server_round])
     noisy, _ = strategy.aggregate_train(server_round, replies)

@@ -111,6 +111,7 @@ def run_audit(run_dir: str | Path, *, canaries: int = DEFAULT_CANARIES, confiden
         "level": level,
         "canaries": stats.canaries,
         "guesses": stats.guesses,
+        "guesses_top": stats.guesses_top,
         "correct": stats.correct,
         "delta": stats.delta,
         "confidence": stats.confidence,

@@ -17,7 +17,7 @@ from privacy.audit import (
     epsilon_lower_bound,
     gaussian_epsilon,
     gaussian_epsilon_estimate,
-    guess_counts,
+    guess_plans,
     p_value,
     tpr_at_fpr,
     vacuity_problem,
@@ -45,10 +45,10 @@ def test_no_noise_reaches_the_best_possible_bound_for_m_and_r():
     scores = included.astype(float) + rng.normal(0, 1e-6, m)  # perfectly separated
     bound = epsilon_lower_bound(scores, included, delta, 0.95)
     assert bound.correct == bound.guesses
-    counts = guess_counts(m)
-    p = 0.05 / len(counts)
-    # every count whose guesses can all be right (r/2 on each side) gives its all-correct value
-    feasible = [r for r in counts if r // 2 <= min(included.sum(), (~included).sum())]
+    plans = guess_plans(m)
+    p = 0.05 / len(plans)
+    # every plan whose guesses can all be right gives its all-correct value
+    feasible = [t + b for t, b in plans if t <= included.sum() and b <= (~included).sum()]
     assert bound.epsilon == pytest.approx(max(epsilon_for(m, r, r, delta, p) for r in feasible), rel=1e-9)
     assert bound.epsilon <= best_possible_bound(m, delta, 0.95)
     # Without the 2*m*delta term, all r guesses right is a Binomial(r, q) tail q^r = p: the bound is logit(q)

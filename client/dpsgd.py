@@ -17,8 +17,9 @@ from opacus import PrivacyEngine
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from client.bookkeeping import BK_MODE, Canaries, bk_unsupported, train_bookkeeping
 from client.config import TrainConfig
-from client.training import make_optimizer
+from client.training import as_tensor, make_optimizer
 
 # Ghost clipping computes per-example gradient norms without materialising per-example gradients: exact
 # (the same clipped gradient as "hooks") and the fastest mode on the CNN here (benchmarks/dp_modes.py).
@@ -52,8 +53,17 @@ def grad_sample_mode_for(model: nn.Module) -> str:
 
 
 def train_private(model: nn.Module, x: np.ndarray, y: np.ndarray, cfg: TrainConfig, *, noise_multiplier: float,
-                  max_grad_norm: float, seed: int, grad_sample_mode: str | None = None) -> dict[str, float]:
-    """One round of DP-SGD; trains `model` in place (its own keys, no `_module.` prefix)."""
+                  max_grad_norm: float, seed: int, grad_sample_mode: str | None = None,
+                  canaries: Canaries | None = None) -> dict[str, float | str]:
+    """One round of DP-SGD; trains `model` in place (its own keys, no `_module.` prefix). The result names the
+    grad-sample mode used: book-keeping ("bk", client/bookkeeping.py) wherever it covers every trainable layer,
+    else Opacus."""
+    if grad_sample_mode in (None, "auto"):
+        example = as_tensor(x[:1])
+        grad_sample_mode = BK_MODE if bk_unsupported(model, example) is None else grad_sample_mode_for(model)
+    if grad_sample_mode == BK_MODE:
+        return train_bookkeeping(model, x, y, cfg, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+                                 seed=seed, canaries=canaries)
     dataset = TensorDataset(torch.from_numpy(x), torch.from_numpy(y))
     loader = DataLoader(dataset, batch_size=cfg.batch_size, generator=torch.Generator().manual_seed(seed))
     optimizer = make_optimizer(model.parameters(), cfg)
@@ -77,7 +87,7 @@ def train_private(model: nn.Module, x: np.ndarray, y: np.ndarray, cfg: TrainConf
     with warnings.catch_warnings():
         # Ghost clipping's second backward pass makes torch warn about full backward hooks on every step.
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
-        return _epochs(wrapped, dp_optimizer, criterion, dp_loader, cfg.local_epochs)
+        return {**_epochs(wrapped, dp_optimizer, criterion, dp_loader, cfg.local_epochs), "grad-sample-mode": mode}
 
 
 def _epochs(wrapped: nn.Module, dp_optimizer, criterion, dp_loader, local_epochs: int) -> dict[str, float]:  # noqa: ANN001

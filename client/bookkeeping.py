@@ -63,7 +63,7 @@ def check_no_shared_parameters(model: nn.Module) -> None:
         shared = storages.get(p.untyped_storage().data_ptr())
         if not p.requires_grad and shared is not None:
             raise ModelError(f"frozen parameter '{name}' shares memory with trainable '{shared}', so it would "
-                             "change without its gradient being clipped; freeze both, or give it its own copy (.clone())")
+                             "change without its gradient being clipped; freeze both, or give it its own .clone()")
 
 
 def _trainable_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -197,6 +197,39 @@ def _add_canaries(sums: dict[nn.Parameter, torch.Tensor], rows: list[tuple[str, 
         sums[p].view(-1)[int(index)] += value
 
 
+@dataclass
+class NoisyStep:
+    """What every DP-SGD step of a round shares: clipping norm, noise std z*C and its generator, the expected
+    batch size, and the parameters in optimizer order (the order Opacus draws their noise in)."""
+
+    keeper: BookKeeper
+    optimizer: torch.optim.Optimizer
+    max_grad_norm: float
+    noise_std: float
+    expected_batch: int
+    noise: torch.Generator
+
+    def __post_init__(self) -> None:
+        self.params = [p for group in self.optimizer.param_groups for p in group["params"] if p.requires_grad]
+        self.named = {name: p for name, p in self.keeper.model.named_parameters() if p.requires_grad}
+
+    def __call__(self, xb: torch.Tensor, yb: torch.Tensor,
+                 canary_rows: list[tuple[str, int, float]] | None = None) -> torch.Tensor:
+        """One step on a batch (possibly empty: noise only); returns the batch's logits."""
+        self.optimizer.zero_grad(set_to_none=True)
+        sums, logits, _ = self.keeper.clipped_sum(xb, yb, self.max_grad_norm)
+        if canary_rows:
+            _add_canaries(sums, canary_rows, self.named, self.max_grad_norm)
+        for p in self.params:
+            summed = sums.get(p)
+            grad = torch.zeros_like(p) if summed is None else summed
+            if self.noise_std > 0:
+                grad = grad + torch.normal(0.0, self.noise_std, size=p.shape, generator=self.noise, dtype=p.dtype)
+            p.grad = grad / self.expected_batch
+        self.optimizer.step()
+        return logits
+
+
 def train_bookkeeping(model: nn.Module, x: np.ndarray, y: np.ndarray, cfg: TrainConfig, *,
                       noise_multiplier: float, max_grad_norm: float, seed: int,
                       canaries: Canaries | None = None) -> dict[str, float | str]:
@@ -205,37 +238,23 @@ def train_bookkeeping(model: nn.Module, x: np.ndarray, y: np.ndarray, cfg: Train
     num_examples = len(yt)
     batches = max(1, math.ceil(num_examples / cfg.batch_size))
     sample_rate = 1 / batches  # what DPPlan.for_round records and Opacus uses
-    expected_batch = int(num_examples * sample_rate)  # Opacus: int(len(dataset) * sample_rate)
-    optimizer = make_optimizer(model.parameters(), cfg)
-    params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
-    named = {name: p for name, p in model.named_parameters() if p.requires_grad}
     sampling = torch.Generator().manual_seed(seed)
-    noise = torch.Generator().manual_seed(seed + 1)
-    std = noise_multiplier * max_grad_norm
     keeper = BookKeeper(model)
+    step = NoisyStep(keeper, make_optimizer(model.parameters(), cfg), max_grad_norm, noise_multiplier * max_grad_norm,
+                     expected_batch=int(num_examples * sample_rate),  # Opacus: int(len(dataset) * sample_rate)
+                     noise=torch.Generator().manual_seed(seed + 1))
     model.train()
     total_loss, correct, seen, steps = 0.0, 0, 0, 0
     try:
         for _ in range(cfg.local_epochs):
             for idx in poisson_batches(num_examples, sample_rate, batches, sampling):
-                optimizer.zero_grad(set_to_none=True)
-                sums: dict[nn.Parameter, torch.Tensor] = {}
-                if len(idx):  # an empty batch still takes a step: noise only
-                    xb, yb = xt[idx], yt[idx]
-                    sums, logits, _ = keeper.clipped_sum(xb, yb, max_grad_norm)
+                xb, yb = xt[idx], yt[idx]
+                logits = step(xb, yb, canaries.rows(steps) if canaries is not None else None)
+                steps += 1
+                if len(yb):
                     total_loss += float(F.cross_entropy(logits, yb)) * len(yb)
                     correct += int((logits.argmax(1) == yb).sum())
                     seen += len(yb)
-                if canaries is not None:
-                    _add_canaries(sums, canaries.rows(steps), named, max_grad_norm)
-                for p in params:
-                    summed = sums.get(p)
-                    grad = torch.zeros_like(p) if summed is None else summed
-                    if std > 0:
-                        grad = grad + torch.normal(0.0, std, size=p.shape, generator=noise, dtype=p.dtype)
-                    p.grad = grad / expected_batch
-                optimizer.step()
-                steps += 1
     finally:
         keeper.close()
     return {"loss": total_loss / max(seen, 1), "accuracy": correct / max(seen, 1), "steps": float(steps),

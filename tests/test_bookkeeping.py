@@ -128,10 +128,12 @@ def test_conv_rule_matches_opacus_for_strides_padding_dilation(stride, padding, 
     _assert_same(_bk_clipped_sum(model, x, y, 0.1), _opacus_clipped_sum(model, x, y, 0.1))
 
 
-@pytest.mark.parametrize("side", [3, 12])  # 2*9*9 <= 16*72: ghost norm; 2*144*144 > 16*72: per-example grads
-def test_conv_rule_both_branches_match_autograd(side: int) -> None:
+# 3x3: 2*9*9 <= 16*72, the ghost norm; 8x8 (64 positions): shifted GEMMs; 12x12 (144): oneDNN grouped conv;
+# 'same' with an even kernel pads asymmetrically: shifted GEMMs
+@pytest.mark.parametrize("side,kernel,padding", [(3, 3, 1), (8, 3, 1), (12, 3, 1), (12, 2, "same")])
+def test_conv_rule_branches_match_autograd(side: int, kernel: int, padding) -> None:
     torch.manual_seed(0)
-    conv = nn.Conv2d(8, 16, 3, padding=1)
+    conv = nn.Conv2d(8, 16, kernel, padding=padding)
     a, g, c = torch.randn(4, 8, side, side), torch.randn(4, 16, side, side), torch.rand(4)
     layer = conv2d_rule(conv, a, g)
     want_norms, want_sum = [], torch.zeros_like(conv.weight)

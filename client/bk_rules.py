@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+Saved = tuple[torch.Tensor, ...] | None  # what forward_stats kept from the forward pass
 ClippedSum = Callable[[torch.Tensor], list[tuple[nn.Parameter, torch.Tensor]]]
 
 
@@ -70,7 +71,7 @@ def _positions_rule(a: torch.Tensor, g: torch.Tensor, weight: nn.Parameter,
     return LayerGrads(norm_sq, clipped_sum)
 
 
-def linear_rule(module: nn.Linear, a: torch.Tensor, g: torch.Tensor) -> LayerGrads:
+def linear_rule(module: nn.Linear, a: torch.Tensor, g: torch.Tensor, saved: Saved) -> LayerGrads:
     """nn.Linear on [B, d] or [B, ..., d] inputs (every middle dimension counts as a position)."""
     batch = a.shape[0]
     return _positions_rule(a.reshape(batch, -1, a.shape[-1]), g.reshape(batch, -1, g.shape[-1]),
@@ -148,7 +149,7 @@ def _grouped_per_example(a: torch.Tensor, g: torch.Tensor, module: nn.Conv2d,
 _GROUPED_MIN_POSITIONS = 100
 
 
-def conv2d_rule(module: nn.Conv2d, a: torch.Tensor, g: torch.Tensor) -> LayerGrads:
+def conv2d_rule(module: nn.Conv2d, a: torch.Tensor, g: torch.Tensor, saved: Saved) -> LayerGrads:
     """nn.Conv2d (groups 1, zero padding, any stride, dilation and padding): a linear map on the windows.
     Per-example gradients by oneDNN's grouped conv (large maps, strided convs) or by shifted GEMMs (small maps),
     or the ghost norm on im2col windows when there are few positions and many weights."""
@@ -162,31 +163,39 @@ def conv2d_rule(module: nn.Conv2d, a: torch.Tensor, g: torch.Tensor) -> LayerGra
     weight = module.weight
     left, right, top, bottom = _conv_padding(module)
     symmetric = left == right and top == bottom
-    per_offset = None  # [K, B, Cout, Cin]: the per-example gradients, kernel offset first
-    if _trainable(weight) and batch:
-        if module.stride == (1, 1) and (positions < _GROUPED_MIN_POSITIONS or not symmetric):
-            per_offset = _shifted_per_example(a, g, module)
-        else:
-            per_offset = _grouped_per_example(a, g, module, (top, left)).view(batch, cout, -1, kh * kw)
-            per_offset = per_offset.permute(3, 0, 1, 2)
-    bias_grad = g3.sum(2) if _trainable(module.bias) else None
-    norm_sq = torch.zeros(batch, dtype=g.dtype, device=g.device)
-    if per_offset is not None:
-        norm_sq = norm_sq + per_offset.square().sum((0, 2, 3))
-    if bias_grad is not None:
-        norm_sq = norm_sq + bias_grad.square().sum(1)
+    grads: list[tuple[nn.Parameter, torch.Tensor]] = []
+    if _trainable(weight) and batch and module.stride == (1, 1) and (
+            positions < _GROUPED_MIN_POSITIONS or not symmetric):
+        per_offset = _shifted_per_example(a, g, module)  # [K, B, Cout, Cin]
+        norm_sq = torch.linalg.vector_norm(per_offset, dim=(0, 2, 3)).square()
+
+        def offsets_sum(c: torch.Tensor) -> list[tuple[nn.Parameter, torch.Tensor]]:
+            k = per_offset.shape[0]
+            summed = torch.bmm(c.view(1, 1, batch).expand(k, 1, batch), per_offset.view(k, batch, -1))
+            return [(weight, summed.view(kh, kw, cout, -1).permute(2, 3, 0, 1).contiguous())]
+
+        layers = [LayerGrads(norm_sq, offsets_sum)]
+    else:
+        if _trainable(weight):
+            grads.append((weight, _grouped_per_example(a, g, module, (top, left)) if batch
+                          else g.new_zeros(0, *weight.shape)))
+        layers = []
+    if _trainable(module.bias):
+        grads.append((module.bias, g3.sum(2)))
+    layers.append(_per_example_rule(grads, batch, g))
+    if len(layers) == 1:
+        return layers[0]
+    first, second = layers
+    return LayerGrads(first.norm_sq + second.norm_sq, lambda c: first.clipped_sum(c) + second.clipped_sum(c))
+
+
+def _per_example_rule(grads: list[tuple[nn.Parameter, torch.Tensor]], batch: int, g: torch.Tensor) -> LayerGrads:
+    """Layers whose per-example gradients ([B, *param shape]) are cheap to hold outright."""
+    norm_sq = sum((torch.linalg.vector_norm(pe.reshape(batch, -1), dim=1).square() for _, pe in grads),
+                  torch.zeros(batch, dtype=g.dtype, device=g.device))
 
     def clipped_sum(c: torch.Tensor) -> list[tuple[nn.Parameter, torch.Tensor]]:
-        out = []
-        if _trainable(weight):
-            if per_offset is None:  # empty batch
-                out.append((weight, torch.zeros_like(weight)))
-            else:
-                summed = torch.einsum("b,kboi->oik", c, per_offset)
-                out.append((weight, summed.reshape(weight.shape)))
-        if bias_grad is not None:
-            out.append((module.bias, c @ bias_grad))
-        return out
+        return [(p, (c @ pe.reshape(batch, -1)).view_as(p)) for p, pe in grads]
 
     return LayerGrads(norm_sq, clipped_sum)
 
@@ -199,26 +208,49 @@ def _affine_rule(x_hat: torch.Tensor, g: torch.Tensor, weight: nn.Parameter | No
         grads.append((weight, (g * x_hat).sum(reduce_dims)))
     if _trainable(bias):
         grads.append((bias, g.sum(reduce_dims)))
-    batch = g.shape[0]
-    norm_sq = sum((pe.reshape(batch, -1).square().sum(1) for _, pe in grads),
-                  torch.zeros(batch, dtype=g.dtype, device=g.device))
-
-    def clipped_sum(c: torch.Tensor) -> list[tuple[nn.Parameter, torch.Tensor]]:
-        return [(p, (c @ pe.reshape(batch, -1)).view_as(p)) for p, pe in grads]
-
-    return LayerGrads(norm_sq, clipped_sum)
+    return _per_example_rule(grads, g.shape[0], g)
 
 
-def group_norm_rule(module: nn.GroupNorm, a: torch.Tensor, g: torch.Tensor) -> LayerGrads:
-    """GroupNorm over [B, C, *]: weight and bias are per channel, summed over the spatial positions."""
-    # The normalised input, recomputed from the kept input (the same mean and rstd as the forward pass).
-    x_hat = F.group_norm(a, module.num_groups, eps=module.eps)
+def forward_stats(module: nn.Module, output: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
+    """Called by the forward hook, while autograd still holds them: GroupNorm's per-group mean and 1/std, which
+    its forward pass saved for the backward pass (freed once the backward has run)."""
+    fn = output.grad_fn
+    if isinstance(module, nn.GroupNorm) and type(fn).__name__ == "NativeGroupNormBackward0":
+        return fn._saved_result1, fn._saved_result2
+    return None
+
+
+def _group_stats(module: nn.GroupNorm, a: torch.Tensor,
+                 saved: tuple[torch.Tensor, ...] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each example's per-group mean and 1/std, [B, groups]: as saved by the forward pass, or recomputed from
+    the kept input where autograd saved none under those names."""
+    if saved is not None:
+        return saved[0], saved[1]
+    grouped = a.reshape(a.shape[0], module.num_groups, -1)
+    var, mean = torch.var_mean(grouped, dim=2, unbiased=False)
+    return mean, torch.rsqrt(var + module.eps)
+
+
+def group_norm_rule(module: nn.GroupNorm, a: torch.Tensor, g: torch.Tensor, saved: Saved) -> LayerGrads:
+    """GroupNorm over [B, C, *]: per channel, sum_s g * x_hat = rstd * (sum_s g * a - mean * sum_s g), from the
+    saved mean and rstd, so the normalised input is never rebuilt."""
     batch, channels = g.shape[:2]
-    return _affine_rule(x_hat.reshape(batch, channels, -1), g.reshape(batch, channels, -1),
-                        module.weight, module.bias, (2,))
+    g3, a3 = g.reshape(batch, channels, -1), a.reshape(batch, channels, -1)
+    summed_g = g3.sum(2)
+    grads: list[tuple[nn.Parameter, torch.Tensor]] = []
+    if _trainable(module.weight):
+        mean, rstd = _group_stats(module, a, saved)
+        per_group = channels // module.num_groups
+        mean_c = mean.reshape(batch, module.num_groups, 1).expand(-1, -1, per_group).reshape(batch, channels)
+        rstd_c = rstd.reshape(batch, module.num_groups, 1).expand(-1, -1, per_group).reshape(batch, channels)
+        grads.append((module.weight, rstd_c * (torch.linalg.vecdot(g3, a3) - mean_c * summed_g)))
+    if _trainable(module.bias):
+        grads.append((module.bias, summed_g))
+    return _per_example_rule(grads, batch, g)
 
 
-def layer_norm_rule(module: nn.LayerNorm, a: torch.Tensor, g: torch.Tensor) -> LayerGrads:
+def layer_norm_rule(module: nn.LayerNorm, a: torch.Tensor, g: torch.Tensor,
+                    saved: Saved) -> LayerGrads:
     """LayerNorm over the last dims of [B, ..., *shape]: summed over the positions in between."""
     x_hat = F.layer_norm(a, module.normalized_shape, eps=module.eps)
     batch, shape = g.shape[0], tuple(module.normalized_shape)
@@ -226,7 +258,8 @@ def layer_norm_rule(module: nn.LayerNorm, a: torch.Tensor, g: torch.Tensor) -> L
                         module.weight, getattr(module, "bias", None), (1,))
 
 
-def embedding_rule(module: nn.Embedding, a: torch.Tensor, g: torch.Tensor) -> LayerGrads:
+def embedding_rule(module: nn.Embedding, a: torch.Tensor, g: torch.Tensor,
+                   saved: Saved) -> LayerGrads:
     """nn.Embedding on [B, ...] ids: example b's gradient adds g[b, t] to row ids[b, t]. Its norm is the ghost
     norm sum_{t,s} [ids_t = ids_s] <g_t, g_s>, or, for long sequences, the dense per-example table."""
     batch = a.shape[0]
@@ -253,7 +286,7 @@ def embedding_rule(module: nn.Embedding, a: torch.Tensor, g: torch.Tensor) -> La
     return LayerGrads(norm_sq, clipped_sum)
 
 
-Rule = Callable[[nn.Module, torch.Tensor, torch.Tensor], LayerGrads]
+Rule = Callable[[nn.Module, torch.Tensor, torch.Tensor, Saved], LayerGrads]
 
 # Exact types only: a subclass (e.g. Opacus' RNNLinear inside DPLSTM, applied once per time step) may be used
 # in ways its parent's rule does not cover.

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from client.bk_rules import RULES, unsupported_reason
+from client.bk_rules import RULES, Saved, forward_stats, unsupported_reason
 from client.config import TrainConfig
 from client.training import as_tensor, make_optimizer
 from models.task import ModelError
@@ -103,6 +103,7 @@ class _Kept:
     module: nn.Module
     inputs: torch.Tensor
     output: torch.Tensor
+    saved: Saved
 
 
 class BookKeeper:
@@ -121,7 +122,7 @@ class BookKeeper:
 
     def _keep(self, module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
         if self._recording:
-            self._kept.append(_Kept(module, inputs[0].detach(), output))
+            self._kept.append(_Kept(module, inputs[0].detach(), output, forward_stats(module, output)))
 
     def close(self) -> None:
         for hook in self._hooks:
@@ -154,7 +155,7 @@ class BookKeeper:
         layers = []
         for k, g in zip(kept, grads, strict=True):
             g = torch.zeros_like(k.output) if g is None else g
-            layer = RULES[type(k.module)](k.module, k.inputs, g.detach())
+            layer = RULES[type(k.module)](k.module, k.inputs, g.detach(), k.saved)
             norm_sq = norm_sq + layer.norm_sq
             layers.append(layer)
         norms = norm_sq.clamp(min=0).sqrt()  # a ghost norm can round a hair below zero

@@ -135,7 +135,7 @@ def test_conv_rule_branches_match_autograd(side: int, kernel: int, padding) -> N
     torch.manual_seed(0)
     conv = nn.Conv2d(8, 16, kernel, padding=padding)
     a, g, c = torch.randn(4, 8, side, side), torch.randn(4, 16, side, side), torch.rand(4)
-    layer = conv2d_rule(conv, a, g)
+    layer = conv2d_rule(conv, a, g, None)
     want_norms, want_sum = [], torch.zeros_like(conv.weight)
     for b in range(4):
         gw, gb = torch.autograd.grad(conv(a[b:b + 1]), (conv.weight, conv.bias), g[b:b + 1])

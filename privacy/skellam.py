@@ -28,6 +28,9 @@ ORDERS = tuple(range(2, 257))  # integer orders: the amplification bound needs t
 BETA = math.exp(-0.5)  # conditional rounding: a draw is kept with probability >= 1 - BETA
 COORDINATE_FAILURE = 1e-6  # chance a rotated coordinate exceeds the bound used to size gamma
 NOISE_SIGMAS = 4.0  # headroom for the noise in the modulus, in standard deviations of the summed noise
+# numpy's Poisson sampler matches Poisson(lam) closely up to lam ~ 1e12 and drifts (heavier tails, wrong
+# variance) above ~1e13, so gamma is capped to keep each client's lam at most this.
+MAX_LAMBDA = 1e11
 MAX_INFLATION = 1.25  # rounding may grow the sensitivity by at most this factor, else more bits are needed
 
 
@@ -76,6 +79,7 @@ def plan_skellam(clip_norm: float, noise_multiplier: float, bits: int, dim: int,
     gamma = (half - max_clients) / spread
     if gamma <= 0:
         raise PrivacyError(f"secagg-bits = {bits} cannot hold {max_clients} clients' updates; raise secagg-bits")
+    gamma = min(gamma, math.sqrt(2 * threshold * MAX_LAMBDA) / (noise_multiplier * clip_norm))
     g = gamma * clip_norm
     bound_sq = min((g + math.sqrt(d)) ** 2, g**2 + d / 4 + math.sqrt(2 * math.log(1 / BETA)) * (g + math.sqrt(d) / 2))
     norm_bound = math.sqrt(bound_sq)

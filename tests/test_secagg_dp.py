@@ -12,7 +12,7 @@ from scipy import stats
 
 from client.secagg_codec import decode_sum, encode_update, fwht, rotate, unrotate
 from client.secagg_crypto import add_mod
-from privacy.accounting import PrivacyError, compute_epsilon, Step
+from privacy.accounting import PrivacyError, Step, compute_epsilon
 from privacy.skellam import ORDERS, amplified_rdp, epsilon_curve, plan_skellam, skellam_rdp
 
 

@@ -28,7 +28,7 @@ from privacy import DPConfig
 from privacy.skellam import SkellamPlan, plan_skellam
 from server.config import ServerConfig
 from server.privacy_records import PrivacyTracker
-from server.rounds import ClientDirectory, RoundRecord, exchange
+from server.rounds import ClientDirectory, RoundRecord, _client_sort_key, exchange
 from server.secagg_protocol import ProtocolSettings, run_protocol
 
 log = logging.getLogger("fedpriv")
@@ -98,6 +98,7 @@ class SecureRounds:
             cid = name.get(d["node"], str(d["node"]))
             if not any(r["client_id"] == cid for r in record.refused):
                 record.dropped.append({"client_id": cid, "reason": f"secagg {d['stage']}: {d['reason']}"})
+        out.survivors.sort(key=lambda n: _client_sort_key(name[n]))
         for node in out.survivors:
             reply = collected[node]
             metrics = reply.content.metric_records.get("metrics", MetricRecord())

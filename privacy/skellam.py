@@ -103,14 +103,19 @@ def amplified_rdp(rdp: np.ndarray, q: float, orders: tuple[int, ...] = ORDERS) -
     2): Zhu & Wang (2019), Theorem 8, general upper bound."""
     if q >= 1.0:
         return np.asarray(rdp, dtype=np.float64)
-    eps = dict(zip(orders, rdp, strict=True))
+    if tuple(orders) != tuple(range(2, 2 + len(orders))):
+        raise PrivacyError("amplified_rdp needs the consecutive integer orders 2, 3, ...")
+    eps = np.concatenate([[0.0, 0.0], np.asarray(rdp, dtype=np.float64)])  # eps[j] = RDP at order j
     lq, l1q = math.log(q), math.log1p(-q)
     out = []
     for alpha in orders:
+        j = np.arange(3, alpha + 1)
         terms = [(alpha - 1) * l1q + math.log(alpha * q - q + 1),
                  _log_comb(alpha, 2) + 2 * lq + (alpha - 2) * l1q + eps[2]]
-        terms += [math.log(3) + _log_comb(alpha, j) + j * lq + (alpha - j) * l1q + (j - 1) * eps[j]
-                  for j in range(3, alpha + 1)]
+        if len(j):
+            tail = (math.log(3) + gammaln(alpha + 1) - gammaln(j + 1) - gammaln(alpha - j + 1)
+                    + j * lq + (alpha - j) * l1q + (j - 1) * eps[j])
+            terms.append(float(logsumexp(tail)))
         out.append(float(logsumexp(terms)) / (alpha - 1))
     return np.asarray(out)
 
@@ -130,7 +135,10 @@ def epsilon_curve(plan: SkellamPlan, survivors_per_round: list[int], delta: floa
     """Epsilon after each released round, composed (RDP adds up over rounds)."""
     total = np.zeros(len(ORDERS))
     curve = []
+    per_n: dict[int, np.ndarray] = {}  # rounds with the same number of survivors cost the same
     for n in survivors_per_round:
-        total = total + round_rdp(plan, n, sample_rate)
+        if n not in per_n:
+            per_n[n] = round_rdp(plan, n, sample_rate)
+        total = total + per_n[n]
         curve.append(float(rdp_to_epsilon(ORDERS, total, delta)[0]))
     return curve

@@ -52,6 +52,37 @@ def run_variant(variant: str, clients: int, rounds: int, data_dir: str, shares: 
             "released": [bool((r.get("secagg") or {"released": True})["released"]) for r in rounds_rec]}
 
 
+def protocol_only(clients: int, shares: int, dim: int, bits: int = 32) -> dict:
+    """The SecAgg+ protocol alone, all clients in this process (no training, no Flower): the seconds each
+    stage adds to a round, summed over clients (on one machine the clients' work is serial)."""
+    import numpy as np
+
+    from client.secagg import respond
+    from client.secagg_crypto import to_ring
+    from server.secagg_protocol import ProtocolSettings, run_protocol
+
+    nodes = list(range(2, clients + 2))
+    rng = np.random.default_rng(0)
+    inputs = {n: to_ring(rng.integers(-1000, 1000, dim), bits) for n in nodes}
+    states: dict[int, dict] = {n: {} for n in nodes}
+    spent = {"setup": 0.0, "share": 0.0, "collect": 0.0, "unmask": 0.0}
+
+    def transport(stage: str, requests: dict) -> dict:
+        started = time.perf_counter()
+        replies = {n: {**respond(stage, r, states[n], lambda _r, n=n: inputs[n]), "stage": stage,
+                       "round": r["round"]} for n, r in requests.items()}
+        spent[stage] += time.perf_counter() - started
+        return replies
+
+    holders = 0 if shares >= clients else shares
+    threshold = max(2, (clients if not holders else holders) // 2 + 1)
+    started = time.perf_counter()
+    out = run_protocol(1, nodes, ProtocolSettings(holders, threshold, bits, 0), transport, {}, dim)
+    total = time.perf_counter() - started
+    return {"clients": clients, "shares": holders or clients, "dim": dim, "total_s": total,
+            "clients_s": spent, "server_s": total - sum(spent.values()), "released": out.total is not None}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--clients", type=int, nargs="+", default=[10, 100])
@@ -62,7 +93,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-test", type=int, default=1000)
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per run")
     p.add_argument("--out", default="benchmarks/results/secagg_cost.json")
+    p.add_argument("--complete-max", type=int, default=50, help="protocol-only: largest complete graph timed")
+    p.add_argument("--protocol-only", action="store_true",
+                   help="time the protocol alone (421,642 values, the CNN's size), complete and sparse graphs")
     args = p.parse_args(argv)
+    if args.protocol_only:
+        rows = []
+        for clients in args.clients:
+            for shares in sorted({clients, args.sparse_shares}):
+                if shares > clients or (shares == clients and clients > args.complete_max):
+                    continue  # the complete graph's cost grows as clients^2: see the 10-client row
+                rows.append(protocol_only(clients, shares, 421_642))
+                print(json.dumps(rows[-1]), flush=True)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({"args": vars(args), "results": rows}, indent=2) + "\n")
+        return 0
 
     from simulations.subsets import subset_data_dir
 

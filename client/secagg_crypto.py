@@ -120,8 +120,9 @@ def prg(seed: bytes, length: int, bits: int) -> np.ndarray:
     """`length` values uniform in Z_{2^bits}: the AES-256-CTR key stream of `seed` (32 bytes, or hashed to 32).
     A cryptographic PRG, so a mask is indistinguishable from uniform to whoever lacks the seed."""
     key = seed if len(seed) == 32 else hashlib.sha256(seed).digest()
-    stream = Cipher(algorithms.AES(key), modes.CTR(b"\0" * 16)).encryptor().update(b"\0" * (8 * length))
-    return np.frombuffer(stream, dtype="<u8").astype(np.uint64) & np.uint64((1 << bits) - 1)
+    width = 4 if bits <= 32 else 8  # half the key stream when 32 bits suffice
+    stream = Cipher(algorithms.AES(key), modes.CTR(b"\0" * 16)).encryptor().update(b"\0" * (width * length))
+    return np.frombuffer(stream, dtype=f"<u{width}").astype(np.uint64) & np.uint64((1 << bits) - 1)
 
 
 def modulus_mask(bits: int) -> np.uint64:

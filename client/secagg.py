@@ -97,11 +97,12 @@ def _share(rnd: int, request: dict[str, Any], state: dict[str, Any]) -> dict[str
     holders = [state["me"], *peers]
     sk_shares = split_secret(private_scalar(state["sk-s"]), state["threshold"], len(holders))
     b_shares = split_secret(state["self-seed"], state["threshold"], len(holders))
-    cts = []
+    cts, keys = [], []
     for peer, pk_c, sk_share, b_share in zip(peers, request["pk-c"], sk_shares[1:], b_shares[1:], strict=True):
         payload = {"src": state["me"], "dst": peer, "round": rnd, "sk": sk_share.hex(), "b": b_share.hex()}
-        cts.append(seal(agree(state["sk-c"], pk_c), payload))
-    state.update({"peers": peers, "peer-pk-c": list(request["pk-c"]), "peer-pk-s": list(request["pk-s"]),
+        keys.append(agree(state["sk-c"], pk_c))  # kept: unmask opens the peer's shares with the same key
+        cts.append(seal(keys[-1], payload))
+    state.update({"peers": peers, "peer-keys": keys, "peer-pk-s": list(request["pk-s"]),
                   "own-sk-share": sk_shares[0], "own-b-share": b_shares[0]})
     return {"dst": peers, "ct": cts}
 
@@ -143,7 +144,7 @@ def _unmask(rnd: int, request: dict[str, Any], state: dict[str, Any]) -> dict[st
         if node == me:
             share = state["own-b-share"]
         else:
-            payload = open_sealed(agree(state["sk-c"], _pk_c_of(state, node)), shares[node])
+            payload = open_sealed(_key_of(state, node), shares[node])
             if (payload["src"], payload["dst"], payload["round"]) != (node, me, rnd):
                 raise SecAggError(f"the share from node {node} was sealed for another node or round")
             share = bytes.fromhex(payload[kind])
@@ -153,8 +154,8 @@ def _unmask(rnd: int, request: dict[str, Any], state: dict[str, Any]) -> dict[st
     return {"nodes": nodes, "kinds": kinds, "shares": out}
 
 
-def _pk_c_of(state: dict[str, Any], node: int) -> bytes:
-    return dict(zip(state["peers"], state["peer-pk-c"], strict=True))[node]
+def _key_of(state: dict[str, Any], node: int) -> bytes:
+    return dict(zip(state["peers"], state["peer-keys"], strict=True))[node]
 
 
 # --- Flower wiring -----------------------------------------------------------------------------------------

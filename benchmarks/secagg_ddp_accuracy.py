@@ -16,6 +16,7 @@ import argparse
 import json
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -97,15 +98,17 @@ def main(argv: list[str] | None = None) -> int:
               "--seed", str(args.seed), "--fraction-train", str(args.rate), "--fraction-evaluate", "0.01",
               "--dp", "user", "--client-sampling", "poisson", "--user-clipping-norm", str(args.clip),
               "--delta", str(args.delta)]
-    root = Path(args.out).with_suffix("")
     results = {"args": vars(args), "dim": dim, "calibration": cal}
-    results["central"] = run([*common, "--user-noise-multiplier", str(cal["z_central"])], root / "central",
-                             args.timeout)
-    print(json.dumps(results["central"]), flush=True)
-    results["distributed"] = run([*common, "--user-noise-multiplier", str(cal["z_distributed"]), "--secagg",
-                                  "--secagg-shares", str(args.shares), "--secagg-threshold", str(args.threshold),
-                                  "--secagg-bits", str(args.bits)], root / "distributed", args.timeout)
-    print(json.dumps(results["distributed"]), flush=True)
+    with tempfile.TemporaryDirectory() as tmp:  # the runs' folders are outputs, not results to keep
+        root = Path(tmp)
+        results["central"] = run([*common, "--user-noise-multiplier", str(cal["z_central"])], root / "central",
+                                 args.timeout)
+        print(json.dumps(results["central"]), flush=True)
+        results["distributed"] = run([*common, "--user-noise-multiplier", str(cal["z_distributed"]), "--secagg",
+                                      "--secagg-shares", str(args.shares), "--secagg-threshold",
+                                      str(args.threshold), "--secagg-bits", str(args.bits)],
+                                     root / "distributed", args.timeout)
+        print(json.dumps(results["distributed"]), flush=True)
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     return 0
 

@@ -16,6 +16,7 @@ from flwr.clientapp.mod import LocalDpMod
 from client.config import DataConfig, TrainConfig
 from client.dpsgd import train_private
 from client.guard import load_ledger, owner_budget, plan_round, save_ledger
+from client.secagg import register as register_secagg
 from client.task import ClientData, client_seed, file_data, partition_data
 from client.training import evaluate, train
 from models import build_model
@@ -131,3 +132,7 @@ def evaluate_round(msg: Message, context: Context) -> Message:
     metrics = evaluate(model, data.x_val, data.y_val) if len(data.y_val) else {}
     metrics["num-examples"] = len(data.y_val)
     return Message(RecordDict({"metrics": MetricRecord(metrics), "meta": _meta(data)}), reply_to=msg)
+
+
+# Secure aggregation's four actions (client/secagg.py); collect trains through train_round above.
+register_secagg(app, train_round)

@@ -25,6 +25,7 @@ from server.config import ServerConfig
 from server.privacy_records import ClientPrivacy, PrivacyTracker
 from server.records import RunRecords
 from server.rounds import LoopSettings, RoundRecord, run_rounds
+from server.secagg import secure_rounds
 from server.strategies import build_strategy
 from server.userdp import aggregate_user_dp, build_user_dp_strategy
 
@@ -95,6 +96,8 @@ def run_federation(grid: Grid, run_config: Mapping[str, Any], *, progress: bool 
             auditor.observe(server_round, replies, arrays)  # what the server received, before any aggregation
             return inner(server_round, replies, arrays)
 
+    secure = secure_rounds(grid, run_config, dp, model, tracker)  # None unless secagg = true
+
     start_round = 1
     if resume_from:
         ckpt = Checkpoint.load(Path(resume_from))
@@ -141,7 +144,8 @@ def run_federation(grid: Grid, run_config: Mapping[str, Any], *, progress: bool 
             acc = record.server.get("accuracy", float("nan"))
             bar.update(task, completed=record.round, description=f"server accuracy {acc:.4f}")
 
-        arrays = run_rounds(grid, strategy, arrays, settings, evaluate_global, on_round, aggregate)
+        arrays = run_rounds(grid, strategy, arrays, settings, evaluate_global, on_round, aggregate,
+                            secure_train=secure)
 
     records.save_model(arrays.to_torch_state_dict())
     if auditor is not None:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from client import ConfigError, DataConfig, DataError, TrainConfig, load_dataset, partition_data
+from client.secagg_config import SecAggConfig
 from models import build_model, check_trainable_with_dp
 from privacy import DPConfig, PrivacyError
 from server import ServerConfig
@@ -22,7 +23,7 @@ from server import ServerConfig
 
 def default_run_config() -> dict[str, Any]:
     merged: dict[str, Any] = {}
-    for cls in (DataConfig, TrainConfig, ServerConfig, DPConfig):
+    for cls in (DataConfig, TrainConfig, ServerConfig, DPConfig, SecAggConfig):
         merged.update(cls.DEFAULTS)
     return merged
 
@@ -89,7 +90,26 @@ def validate(run_config: Mapping[str, Any]) -> Configs:
     first = partition_data(configs.data, 0)  # partitions are computed (and cached) here, so a bad spec fails now
     model = build_model(configs.train.model, dataset.spec)
     check_dp(configs, model, first.num_examples)
+    check_secagg(run_config, configs, model)
     return configs
+
+
+def check_secagg(run_config: Mapping[str, Any], configs: Configs, model: Any) -> None:
+    """Secure aggregation settings the run cannot meet (threshold, bits, strategy) fail before training."""
+    cfg = SecAggConfig.from_run_config(run_config)
+    if not cfg.enabled:
+        return
+    if "local" in configs.dp.modes:
+        raise PrivacyError("dp=local already noises every update on its own; with secagg use dp=user "
+                           "(distributed DP) or dp=sample")
+    if configs.server.strategy != "fedavg":
+        raise ConfigError(f"secagg computes a uniform FedAvg of the clients' summed updates; strategy "
+                          f"{configs.server.strategy!r} needs individual updates: use --strategy fedavg")
+    from server.secagg import SecureRounds
+
+    dim = sum(int(v.numel()) for v in model.state_dict().values())
+    SecureRounds(None, cfg, configs.dp, configs.data.num_clients, configs.server.fraction_train,  # type: ignore[arg-type]
+                 configs.server.seed, dim)
 
 
 def check_dp(configs: Configs, model: Any, num_examples: int) -> None:

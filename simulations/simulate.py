@@ -52,6 +52,11 @@ def add_run_flags(parser: argparse.ArgumentParser) -> None:
     d.add_argument("--user-noise-multiplier", type=float, help="user-level DP-FedAvg noise multiplier")
     d.add_argument("--user-clipping-norm", type=float, help="user-level DP-FedAvg update clipping norm")
     d.add_argument("--client-sampling", help="poisson | fixed (user-level DP)")
+    d.add_argument("--secagg", action="store_const", const=True, default=None,
+                   help="secure aggregation (SecAgg+): the server sees only the sum; with --dp user: distributed DP")
+    d.add_argument("--secagg-shares", type=int, help="share holders per client, itself included (0 = all sampled)")
+    d.add_argument("--secagg-threshold", type=int, help="survivors needed to release a round (0 = a majority)")
+    d.add_argument("--secagg-bits", type=int, help="masked vectors live in Z_2^bits (8..62)")
     g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any other run-config key, e.g. --set server-learning-rate=0.01 (repeatable)")
 
@@ -76,7 +81,7 @@ RUN_FLAGS = ["dataset", "data-dir", "model", "num-clients", "rounds", "fraction-
              "local-epochs", "batch-size", "optimizer", "lr", "momentum", "weight-decay", "partition", "strategy",
              "proximal-mu", "seed", "out", "dp", "max-grad-norm", "noise-multiplier", "target-epsilon", "delta",
              "accountant", "budget-epsilon", "budget-delta", "user-noise-multiplier", "user-clipping-norm",
-             "client-sampling"]
+             "client-sampling", "secagg", "secagg-shares", "secagg-threshold", "secagg-bits"]
 
 
 def node_configs(configs: Configs) -> list[dict[str, Any]]:

@@ -86,6 +86,7 @@ def train_round(msg: Message, context: Context) -> Message:
         ledger.record(server_round, plan.step, epsilon, run=str(context.run_id))
         save_ledger(context, ledger)
         privacy = _privacy_record(dp, ledger, data, budget, plan.step)
+        privacy["grad-sample-mode"] = str(result["grad-sample-mode"])  # bk, or the Opacus mode it fell back to
     else:
         result = train(model, data.x_train, data.y_train, cfg, seed=seed)
     metrics = MetricRecord({"train_loss": result["loss"], "train_accuracy": result["accuracy"],

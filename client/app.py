@@ -80,7 +80,7 @@ def train_round(msg: Message, context: Context) -> Message:
             privacy = _privacy_record(dp, ledger, data, budget, plan.step)
             return Message(RecordDict({"meta": meta, "privacy": privacy}), reply_to=msg)
         result = train_private(model, data.x_train, data.y_train, cfg, noise_multiplier=plan.step.noise_multiplier,
-                               max_grad_norm=dp.max_grad_norm, seed=seed)
+                               max_grad_norm=dp.max_grad_norm, seed=seed, grad_sample_mode=cfg.grad_sample_mode)
         # Spent once the update leaves the owner: recorded (and persisted) before the reply is built.
         epsilon = compute_epsilon([*ledger.history(), plan.step], dp.delta, dp.accountant)
         ledger.record(server_round, plan.step, epsilon, run=str(context.run_id))

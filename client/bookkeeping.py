@@ -110,11 +110,11 @@ class BookKeeper:
     """Forward hooks on every trainable layer of `model`; `clipped_sum` runs one forward and one backward."""
 
     def __init__(self, model: nn.Module) -> None:
-        check_no_shared_parameters(model)
         reason = bk_unsupported(model)
         if reason is not None:
             raise ModelError(f"book-keeping DP-SGD cannot train this model ({reason}); "
                              "use an Opacus grad-sample mode (ghost or hooks)")
+        check_no_shared_parameters(model)
         self.model = model
         self._kept: list[_Kept] = []
         self._recording = False

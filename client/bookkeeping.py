@@ -237,6 +237,9 @@ def train_bookkeeping(model: nn.Module, x: np.ndarray, y: np.ndarray, cfg: Train
     """One round of book-keeping DP-SGD, the same mechanism as client.dpsgd's Opacus path; trains in place."""
     xt, yt = as_tensor(x), as_tensor(y)
     num_examples = len(yt)
+    if num_examples == 0:
+        raise PrivacyError("DP-SGD needs at least one training example (the expected batch size would be 0); "
+                           "give this client data or leave it out of sample-level DP")
     batches = max(1, math.ceil(num_examples / cfg.batch_size))
     sample_rate = 1 / batches  # what DPPlan.for_round records and Opacus uses
     sampling = torch.Generator().manual_seed(seed)

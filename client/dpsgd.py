@@ -59,7 +59,7 @@ def train_private(model: nn.Module, x: np.ndarray, y: np.ndarray, cfg: TrainConf
     grad-sample mode used: book-keeping ("bk", client/bookkeeping.py) wherever it covers every trainable layer,
     else Opacus."""
     if grad_sample_mode in (None, "auto"):
-        example = as_tensor(x[:1])
+        example = as_tensor(x[:1]) if len(x) else None  # one forward, no gradient: is any layer run twice?
         grad_sample_mode = BK_MODE if bk_unsupported(model, example) is None else grad_sample_mode_for(model)
     if grad_sample_mode == BK_MODE:
         return train_bookkeeping(model, x, y, cfg, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,

@@ -82,13 +82,14 @@ def train_round(msg: Message, context: Context) -> Message:
             privacy = _privacy_record(dp, ledger, data, budget, plan.step)
             return Message(RecordDict({"meta": meta, "privacy": privacy}), reply_to=msg)
         result = train_private(model, data.x_train, data.y_train, cfg, noise_multiplier=plan.step.noise_multiplier,
-                               max_grad_norm=dp.max_grad_norm, seed=seed,
+                               max_grad_norm=dp.max_grad_norm, seed=seed, grad_sample_mode=cfg.grad_sample_mode,
                                canaries=_audit_canaries(dp, model, plan.step.sample_rate, server_round, data))
         # Spent once the update leaves the owner: recorded (and persisted) before the reply is built.
         epsilon = compute_epsilon([*ledger.history(), plan.step], dp.delta, dp.accountant)
         ledger.record(server_round, plan.step, epsilon, run=str(context.run_id))
         save_ledger(context, ledger)
         privacy = _privacy_record(dp, ledger, data, budget, plan.step)
+        privacy["grad-sample-mode"] = str(result["grad-sample-mode"])  # bk, or the Opacus mode it fell back to
     else:
         result = train(model, data.x_train, data.y_train, cfg, seed=seed)
     metrics = MetricRecord({"train_loss": result["loss"], "train_accuracy": result["accuracy"],

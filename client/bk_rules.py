@@ -44,17 +44,17 @@ def _positions_rule(a: torch.Tensor, g: torch.Tensor, weight: nn.Parameter,
     if _trainable(weight):
         if positions == 1:
             # rank one: ||g a^T||^2 = ||g||^2 ||a||^2, and the clipped sum is one GEMM
-            norm_sq = norm_sq + a[:, 0].square().sum(1) * g[:, 0].square().sum(1)
+            norm_sq = norm_sq + torch.linalg.vecdot(a[:, 0], a[:, 0]) * torch.linalg.vecdot(g[:, 0], g[:, 0])
         elif 2 * positions * positions <= p * d:
             aat = torch.bmm(a, a.transpose(1, 2))
             ggt = torch.bmm(g, g.transpose(1, 2))
-            norm_sq = norm_sq + (aat * ggt).sum((1, 2))
+            norm_sq = norm_sq + torch.linalg.vecdot(aat.reshape(batch, -1), ggt.reshape(batch, -1))
         else:
             per_example = torch.bmm(g.transpose(1, 2), a)  # [B, p, d]
-            norm_sq = norm_sq + per_example.square().sum((1, 2))
+            norm_sq = norm_sq + torch.linalg.vector_norm(per_example.reshape(batch, -1), dim=1).square()
     bias_grad = g.sum(1) if _trainable(bias) else None  # [B, p]
     if bias_grad is not None:
-        norm_sq = norm_sq + bias_grad.square().sum(1)
+        norm_sq = norm_sq + torch.linalg.vecdot(bias_grad, bias_grad)
 
     def clipped_sum(c: torch.Tensor) -> list[tuple[nn.Parameter, torch.Tensor]]:
         out = []
@@ -271,11 +271,11 @@ def embedding_rule(module: nn.Embedding, a: torch.Tensor, g: torch.Tensor,
     positions, (rows, dim) = ids.shape[1], module.weight.shape
     if 2 * positions * positions <= rows * dim:
         same = (ids.unsqueeze(2) == ids.unsqueeze(1)).to(g3.dtype)
-        norm_sq = (same * torch.bmm(g3, g3.transpose(1, 2))).sum((1, 2))
+        norm_sq = torch.linalg.vecdot(same.reshape(batch, -1), torch.bmm(g3, g3.transpose(1, 2)).reshape(batch, -1))
     else:
         table = g3.new_zeros(batch, rows, dim)
         table.scatter_add_(1, ids.unsqueeze(-1).expand(-1, -1, dim), g3)
-        norm_sq = table.square().sum((1, 2))
+        norm_sq = torch.linalg.vector_norm(table.reshape(batch, -1), dim=1).square()
     weight = module.weight
 
     def clipped_sum(c: torch.Tensor) -> list[tuple[nn.Parameter, torch.Tensor]]:

@@ -110,11 +110,11 @@ class BookKeeper:
     """Forward hooks on every trainable layer of `model`; `clipped_sum` runs one forward and one backward."""
 
     def __init__(self, model: nn.Module) -> None:
-        check_no_shared_parameters(model)
         reason = bk_unsupported(model)
         if reason is not None:
             raise ModelError(f"book-keeping DP-SGD cannot train this model ({reason}); "
                              "use an Opacus grad-sample mode (ghost or hooks)")
+        check_no_shared_parameters(model)
         self.model = model
         self._kept: list[_Kept] = []
         self._recording = False
@@ -237,6 +237,9 @@ def train_bookkeeping(model: nn.Module, x: np.ndarray, y: np.ndarray, cfg: Train
     """One round of book-keeping DP-SGD, the same mechanism as client.dpsgd's Opacus path; trains in place."""
     xt, yt = as_tensor(x), as_tensor(y)
     num_examples = len(yt)
+    if num_examples == 0:
+        raise PrivacyError("DP-SGD needs at least one training example (the expected batch size would be 0); "
+                           "give this client data or leave it out of sample-level DP")
     batches = max(1, math.ceil(num_examples / cfg.batch_size))
     sample_rate = 1 / batches  # what DPPlan.for_round records and Opacus uses
     sampling = torch.Generator().manual_seed(seed)

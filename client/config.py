@@ -11,6 +11,9 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")
+# How DP-SGD takes per-example gradients: "auto" = book-keeping ("bk", one backward pass) where it covers every
+# trainable layer, else Opacus; or one of them forced (Opacus' own grad-sample modes by name).
+GRAD_SAMPLE_MODES = ("auto", "bk", "ghost", "hooks", "functorch", "ew")
 
 
 class ConfigError(ValueError):
@@ -92,6 +95,7 @@ class TrainConfig:
     local_epochs: int = 1
     batch_size: int = 64
     proximal_mu: float = 0.0
+    grad_sample_mode: str = "auto"
 
     DEFAULTS: ClassVar[dict[str, Any]] = {
         "model": "cnn",
@@ -102,6 +106,7 @@ class TrainConfig:
         "local-epochs": 1,
         "batch-size": 64,
         "proximal-mu": 0.0,
+        "grad-sample-mode": "auto",
     }
 
     def __post_init__(self) -> None:
@@ -113,6 +118,9 @@ class TrainConfig:
             raise ConfigError(f"unknown optimizer {self.optimizer!r}; choose one of: {', '.join(OPTIMIZERS)}")
         if self.momentum >= 1.0:
             raise ConfigError(f"momentum = {self.momentum} is out of range; it must be in [0, 1)")
+        if self.grad_sample_mode not in GRAD_SAMPLE_MODES:
+            raise ConfigError(f"unknown grad-sample-mode {self.grad_sample_mode!r}; "
+                              f"choose one of: {', '.join(GRAD_SAMPLE_MODES)}")
 
     @classmethod
     def from_run_config(cls, rc: Mapping[str, Any]) -> TrainConfig:
@@ -126,4 +134,5 @@ class TrainConfig:
             local_epochs=_positive("local-epochs", _get(rc, d, "local-epochs"), kind=int),
             batch_size=_positive("batch-size", _get(rc, d, "batch-size"), kind=int),
             proximal_mu=_positive("proximal-mu", _get(rc, d, "proximal-mu"), allow_zero=True),
+            grad_sample_mode=str(_get(rc, d, "grad-sample-mode")).lower(),
         )

@@ -64,7 +64,7 @@ def train_private(model: nn.Module, x: np.ndarray, y: np.ndarray, cfg: TrainConf
     to Opacus' per-example gradients before each step; ghost clipping never materialises those, so an audited
     Opacus run uses hooks (the two give exactly the same clipped gradient)."""
     if grad_sample_mode in (None, "auto"):
-        example = as_tensor(x[:1])
+        example = as_tensor(x[:1]) if len(x) else None  # one forward, no gradient: is any layer run twice?
         grad_sample_mode = BK_MODE if bk_unsupported(model, example) is None else grad_sample_mode_for(model)
     if grad_sample_mode == BK_MODE:
         return train_bookkeeping(model, x, y, cfg, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,

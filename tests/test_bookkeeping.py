@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import client.bookkeeping as bk
 from client.bk_rules import conv2d_rule
-from client.config import TrainConfig
+from client.config import ConfigError, TrainConfig
 from client.dpsgd import train_private
 from models import build_model
 from models.task import ModelError, TaskSpec
@@ -272,8 +272,7 @@ def test_broken_clipping_is_caught() -> None:
 def test_lstm_falls_back_to_opacus_and_says_so() -> None:
     spec = TaskSpec((6,), 4, vocab_size=10)
     model = build_model("lstm", spec, seed=0)
-    assert "no book-keeping rule" in (bk.bk_unsupported(model) or "") or bk.bk_unsupported(
-        model, torch.zeros(1, 6, dtype=torch.long)) is not None
+    assert bk.bk_unsupported(model) == "layer 'lstm': no book-keeping rule for DPLSTM"
     x = np.random.default_rng(0).integers(0, 10, (16, 6))
     y = np.random.default_rng(1).integers(0, 4, 16)
     with warnings.catch_warnings():
@@ -281,6 +280,16 @@ def test_lstm_falls_back_to_opacus_and_says_so() -> None:
         result = train_private(model, x, y, _cfg(model="lstm", batch_size=8, local_epochs=1), noise_multiplier=1.0,
                                max_grad_norm=1.0, seed=0)
     assert result["grad-sample-mode"] in ("ghost", "hooks")
+    with pytest.raises(ModelError, match="book-keeping DP-SGD cannot train this model .*DPLSTM.*Opacus"):
+        train_private(model, x, y, _cfg(model="lstm", batch_size=8, local_epochs=1, grad_sample_mode="bk"),
+                      noise_multiplier=1.0, max_grad_norm=1.0, seed=0, grad_sample_mode="bk")
+
+
+def test_grad_sample_mode_key_is_validated() -> None:
+    assert TrainConfig.from_run_config({"grad-sample-mode": "BK"}).grad_sample_mode == "bk"
+    assert TrainConfig.from_run_config({}).grad_sample_mode == "auto"
+    with pytest.raises(ConfigError, match="grad-sample-mode 'fast'.*auto, bk, ghost, hooks"):
+        TrainConfig.from_run_config({"grad-sample-mode": "fast"})
 
 
 def test_layer_run_twice_is_not_bookkept() -> None:

@@ -40,12 +40,18 @@ def user_run(tmp_path_factory) -> Path:
 
 
 def weaker_dpsgd_noise(monkeypatch) -> None:
-    """Fault injection: Opacus adds a tenth of the noise the accountant was told about."""
+    """Fault injection: DP-SGD adds a tenth of the noise the accountant was told about, in both paths (Opacus
+    and book-keeping, the default where it covers the model)."""
     import opacus.optimizers.optimizer as opt
+
+    import client.bookkeeping as bk
 
     real = opt._generate_noise
     monkeypatch.setattr(opt, "_generate_noise", lambda std, reference, generator=None, secure_mode=False:
                         real(std * 0.1, reference, generator, secure_mode))
+    real_bk = bk.gaussian_noise
+    monkeypatch.setattr(bk, "gaussian_noise", lambda std, reference, generator: real_bk(std * 0.1, reference,
+                                                                                          generator))
 
 
 def weaker_user_noise(monkeypatch) -> None:
@@ -56,7 +62,8 @@ def weaker_user_noise(monkeypatch) -> None:
     monkeypatch.setattr(fc, "compute_stdv", lambda z, c, m: 0.1 * real(z, c, m))
 
 
-def test_a_canary_row_is_clipped_and_scaled_like_a_real_example():
+@pytest.mark.parametrize("mode", ["hooks", "bk"])
+def test_a_canary_row_is_clipped_and_scaled_like_a_real_example(mode):
     class OneCanary:
         def rows(self, step: int) -> list[tuple[str, int, float]]:
             return [("1.weight", 5, -10.0)] if step == 0 else []
@@ -66,7 +73,9 @@ def test_a_canary_row_is_clipped_and_scaled_like_a_real_example():
     before = model[1].weight.detach().clone()
     x, y = np.zeros((64, 4), np.float32), np.zeros(64, np.int64)  # zero inputs: no data gradient on weights
     cfg = TrainConfig(model="mlp", optimizer="sgd", learning_rate=1.0, momentum=0.0, batch_size=64)
-    train_private(model, x, y, cfg, noise_multiplier=1e-9, max_grad_norm=1.0, seed=0, canaries=OneCanary())
+    result = train_private(model, x, y, cfg, noise_multiplier=1e-9, max_grad_norm=1.0, seed=0, canaries=OneCanary(),
+                           grad_sample_mode=mode)
+    assert result["grad-sample-mode"] == mode
     moved = (model[1].weight.detach() - before).view(-1)
     # clipped from 10 to C=1, divided by the expected batch size 64, one SGD step of lr 1
     assert moved[5].item() == pytest.approx(1.0 / 64, rel=1e-4)

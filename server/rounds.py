@@ -90,12 +90,17 @@ def _client_sort_key(client_id: str) -> tuple[int, Any]:
 
 
 def sample_clients(clients: list[str], fraction: float, seed: int, server_round: int, purpose: str,
-                   mode: str = "fixed") -> list[str]:
-    """Seeded per (seed, round, purpose), so a resumed run samples exactly what an uninterrupted one would."""
+                   mode: str = "fixed", cap: int = 0) -> list[str]:
+    """Seeded per (seed, round, purpose), so a resumed run samples exactly what an uninterrupted one would.
+    A fixed sample takes at least one client, unless fraction is 0; cap > 0 bounds its size."""
+    if fraction <= 0:
+        return []
     rng = np.random.default_rng([seed, server_round, {"train": 0, "evaluate": 1}[purpose]])
     if mode == "poisson":
         return [c for c, u in zip(clients, rng.random(len(clients)), strict=True) if u < fraction]
     k = max(1, math.floor(len(clients) * fraction + 1e-9))
+    if cap > 0:
+        k = min(k, cap)
     chosen = rng.choice(len(clients), size=min(k, len(clients)), replace=False)
     return [clients[i] for i in sorted(chosen)]
 
@@ -137,6 +142,7 @@ class LoopSettings:
     seed: int
     round_timeout: float
     client_sampling: str = "fixed"
+    max_evaluate_clients: int = 0  # 0 = no cap
     min_clients: int = 1
     start_round: int = 1  # > 1 when resuming from a checkpoint
 
@@ -233,12 +239,14 @@ def run_rounds(
             else:
                 log.warning("round %d: %d usable updates, fewer than min-clients %d; the model is unchanged",
                             server_round, len(good), settings.min_clients)
-        evaluators = sample_clients(clients, settings.fraction_evaluate, settings.seed, server_round, "evaluate")
-        subset = SubsetGrid(grid, [directory.node_of(c) for c in evaluators])
-        messages = list(strategy.configure_evaluate(server_round, arrays, ConfigRecord(), subset))
-        replies = _split_replies(exchange(grid, messages, settings.round_timeout), directory,
-                                 arrays, record, check_arrays=False)
-        record.evaluate = [{"client_id": client_id_of(r) or "?", "metrics": _metrics_of(r)} for r in replies]
+        evaluators = sample_clients(clients, settings.fraction_evaluate, settings.seed, server_round, "evaluate",
+                                    cap=settings.max_evaluate_clients)
+        if evaluators:
+            subset = SubsetGrid(grid, [directory.node_of(c) for c in evaluators])
+            messages = list(strategy.configure_evaluate(server_round, arrays, ConfigRecord(), subset))
+            replies = _split_replies(exchange(grid, messages, settings.round_timeout), directory,
+                                     arrays, record, check_arrays=False)
+            record.evaluate = [{"client_id": client_id_of(r) or "?", "metrics": _metrics_of(r)} for r in replies]
         record.server = evaluate_fn(server_round, arrays)
         record.seconds = time.perf_counter() - started
         on_round(record, arrays)

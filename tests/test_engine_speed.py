@@ -181,3 +181,32 @@ def test_help_and_a_run_without_dp_import_no_opacus_ray_or_matplotlib(tmp_path):
         "from simulations.cli import main\n"
         f"assert main(['simulate', *{SMALL!r}, '--rounds', '1', '--out', {str(tmp_path / 'r')!r}]) == 0")
     assert not heavy & loaded and "torch" in loaded
+
+
+def test_client_directory_follows_a_reconnected_client():
+    from flwr.app import ConfigRecord, Context, Message, RecordDict
+    from flwr.clientapp import ClientApp
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from server.rounds import ClientDirectory
+    from simulations.inprocess import InProcessGrid
+
+    app = ClientApp()
+
+    @app.query()
+    def hello(msg: Message, context: Context) -> Message:
+        return Message(RecordDict({"meta": ConfigRecord({"client-id": context.node_config["cid"]})}), reply_to=msg)
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
+    grid = InProcessGrid(app, [{"cid": "a"}, {"cid": "b"}], {}, run_id=1)
+    directory = ClientDirectory()
+    directory.refresh(grid, timeout=10)
+    assert directory.clients() == ["a", "b"] and directory.node_of("b") == 3
+    # "b" comes back under node 4 (node 3 is gone); "c" joins as node 5.
+    del grid._contexts[3]
+    for node, cid in ((4, "b"), (5, "c")):
+        grid._contexts[node] = Context(run_id=1, node_id=node, node_config={"cid": cid}, state=RecordDict(),
+                                       run_config={})
+    directory.refresh(grid, timeout=10)
+    assert directory.by_node == {2: "a", 4: "b", 5: "c"}
+    assert [directory.node_of(c) for c in ("a", "b", "c")] == [2, 4, 5]

@@ -76,12 +76,13 @@ torch.set_num_threads(cfg["threads"])
 np.random.seed(cfg["seed"]); torch.manual_seed(cfg["seed"])
 from pfl.aggregate.simulate import SimulatedBackend
 from pfl.algorithm import FederatedAveraging, NNAlgorithmParams
-from pfl.callback import CentralEvaluationCallback, TrainingProcessCallback
+from pfl.callback.base import TrainingProcessCallback
+from pfl.callback.central_evaluation import CentralEvaluationCallback
 from pfl.data.dataset import Dataset
 from pfl.data.federated_dataset import FederatedDataset
 from pfl.data.sampling import get_user_sampler
 from pfl.hyperparam import NNEvalHyperParams, NNTrainHyperParams
-from pfl.metrics import Weighted
+from pfl.metrics import Metrics, Weighted
 from pfl.model.pytorch import PyTorchModel
 
 data = np.load(cfg["split"])
@@ -144,12 +145,12 @@ backend = SimulatedBackend(training_data=train_fed, val_data=val_fed, postproces
 class Clock(TrainingProcessCallback):
     def on_train_begin(self, *, model):
         self.start = time.perf_counter()
-        return {}
+        return Metrics()
 
     def after_central_iteration(self, aggregate_metrics, model, *, central_iteration):
         self.end = time.perf_counter()
         self.last = {str(k): float(v) for k, v in aggregate_metrics.to_simple_dict().items()}
-        return False, {}
+        return False, Metrics()
 
 
 clock = Clock()

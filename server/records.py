@@ -3,8 +3,9 @@
 Each finished round is appended, never rewritten: one JSON line to metrics.jsonl (flushed to disk before the
 next round starts, so a run that stops early keeps every round it finished) and its rows to metrics.csv.
 metrics.json (`{"rounds": [...]}`, what `fedpriv report`, compare and sweep read) is the same rounds as one
-document: rewriting it after every round grows quadratically with the run (seconds over a 1000-client run),
-so it is rewritten at most every JSON_EVERY_SECONDS while the run goes on, and always when it ends.
+document: rewriting it after every round grows quadratically with the run (seconds over a 1000-client run
+of short rounds), so after a round it is rewritten only if that keeps its rewrites under JSON_MAX_SHARE of
+the time since the last one (slow rounds, as in a deployment: every round), and always when the run ends.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import tomli_w
 
 from privacy.files import write_atomic
 
-JSON_EVERY_SECONDS = 5.0  # a live reader (fedpriv server, tests) sees metrics.json at most this far behind
+JSON_MAX_SHARE = 0.1  # of a run's time, at most this much goes to rewriting metrics.json
 
 
 def clean(value: Any) -> Any:
@@ -64,7 +65,8 @@ class RunRecords:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.rounds: list[dict[str, Any]] = read_rounds(self.out_dir) if keep_existing else []
         self._columns: list[str] = []
-        self._json_written = -math.inf
+        self._json_written = -math.inf  # when metrics.json was last rewritten (time.monotonic)
+        self._json_cost = 0.0  # and how long that took
         write_atomic(self.out_dir / "config.toml", tomli_w.dumps(dict(run_config)))
         # A fresh start of every file (a resumed run rewrites what it keeps, once, without repeated rounds).
         self._rewrite_appended()
@@ -90,13 +92,15 @@ class RunRecords:
                 os.fsync(fh.fileno())
             with (self.out_dir / "metrics.csv").open("a", newline="") as fh:
                 csv.DictWriter(fh, fieldnames=self._columns, lineterminator="\n").writerows(rows)
-        if time.monotonic() - self._json_written >= JSON_EVERY_SECONDS:
+        if time.monotonic() - self._json_written >= self._json_cost / JSON_MAX_SHARE:
             self.flush()
 
     def flush(self) -> None:
         """Bring metrics.json up to date with every recorded round (also called when the run ends)."""
+        started = time.monotonic()
         write_atomic(self.out_dir / "metrics.json", json.dumps({"rounds": self.rounds}, indent=1))
         self._json_written = time.monotonic()
+        self._json_cost = self._json_written - started
 
     def final_server_metrics(self) -> dict[str, Any]:
         return self.rounds[-1]["server"] if self.rounds else {}

@@ -274,12 +274,16 @@ def main() -> None:
     parser.add_argument("--engines", nargs="+", choices=ENGINES, default=["pfl", "inprocess"])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, help="override every workload's rounds (a bounded run)")
     parser.add_argument("--out", default="benchmarks/results/peers.json")
     args = parser.parse_args()
     if args.install or ("pfl" in args.engines and not (VENV / "bin" / "python").exists()):
         install()
         if args.install:
             return
+    if args.rounds:
+        for w in args.workloads:
+            WORKLOADS[w]["num-rounds"] = args.rounds
     rows: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
         splits = {}
@@ -294,7 +298,7 @@ def main() -> None:
                         continue
                     rows.append({"repeat": repeat, **run_one(w, engine, splits.get(w, {}), args.threads)})
                     print(json.dumps(rows[-1]), flush=True)
-    result = {"threads": args.threads, "repeats": args.repeats, "rows": rows, "medians": summarize(rows)}
+    result = {"threads": args.threads, "repeats": args.repeats, "rounds": args.rounds or "as defined", "rows": rows, "medians": summarize(rows)}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
     for row in result["medians"]:

@@ -298,7 +298,8 @@ def main() -> None:
                         continue
                     rows.append({"repeat": repeat, **run_one(w, engine, splits.get(w, {}), args.threads)})
                     print(json.dumps(rows[-1]), flush=True)
-    result = {"threads": args.threads, "repeats": args.repeats, "rounds": args.rounds or "as defined", "rows": rows, "medians": summarize(rows)}
+    result = {"threads": args.threads, "repeats": args.repeats, "rounds": args.rounds or "as defined",
+              "rows": rows, "medians": summarize(rows)}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
     for row in result["medians"]:

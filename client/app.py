@@ -14,8 +14,8 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import LocalDpMod
 
 from client.config import DataConfig, TrainConfig
-from client.dpsgd import train_private
 from client.guard import load_ledger, owner_budget, plan_round, save_ledger
+from client.reuse import load_global, reusable_model, reusable_optimizer
 from client.secagg import register as register_secagg
 from client.task import ClientData, client_seed, file_data, partition_data
 from client.training import evaluate, train
@@ -67,10 +67,9 @@ def train_round(msg: Message, context: Context) -> Message:
 
     dp = DPConfig.from_run_config(context.run_config)
     seed = client_seed(data_cfg.seed, server_round, data.client_id)
-    model = build_model(cfg.model, data.spec)  # a fresh module every round: Opacus cannot wrap one twice
-    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
     privacy = None
     if "sample" in dp.modes:
+        model = load_global(build_model(cfg.model, data.spec), msg.content["arrays"])  # Opacus: a fresh module
         ledger = load_ledger(context, data.client_id)
         budget = owner_budget(dp, context)
         # The client calibrates for every round the run may sample it for; its guard refuses any beyond.
@@ -81,6 +80,8 @@ def train_round(msg: Message, context: Context) -> Message:
             meta["refused"] = plan.decision.reason
             privacy = _privacy_record(dp, ledger, data, budget, plan.step)
             return Message(RecordDict({"meta": meta, "privacy": privacy}), reply_to=msg)
+        from client.dpsgd import train_private  # opacus: imported by the runs that use it, not at start-up
+
         result = train_private(model, data.x_train, data.y_train, cfg, noise_multiplier=plan.step.noise_multiplier,
                                max_grad_norm=dp.max_grad_norm, seed=seed, grad_sample_mode=cfg.grad_sample_mode,
                                canaries=_audit_canaries(dp, model, plan.step.sample_rate, server_round, data))
@@ -91,7 +92,9 @@ def train_round(msg: Message, context: Context) -> Message:
         privacy = _privacy_record(dp, ledger, data, budget, plan.step)
         privacy["grad-sample-mode"] = str(result["grad-sample-mode"])  # bk, or the Opacus mode it fell back to
     else:
-        result = train(model, data.x_train, data.y_train, cfg, seed=seed)
+        # The process's own module and optimizer, weights loaded in place, state cleared (client/reuse.py).
+        model = load_global(reusable_model(cfg.model, data.spec), msg.content["arrays"])
+        result = train(model, data.x_train, data.y_train, cfg, seed=seed, optimizer=reusable_optimizer(model, cfg))
     metrics = MetricRecord({"train_loss": result["loss"], "train_accuracy": result["accuracy"],
                             "steps": result["steps"], "num-examples": data.num_examples,
                             # user-level DP averages clients uniformly (its noise assumes an unweighted mean)
@@ -128,9 +131,10 @@ def evaluate_round(msg: Message, context: Context) -> Message:
     """Evaluates the global model on this client's held-out split."""
     data, _ = local_data(context)
     cfg = TrainConfig.from_run_config(context.run_config)
-    model = build_model(cfg.model, data.spec)
-    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
-    metrics = evaluate(model, data.x_val, data.y_val) if len(data.y_val) else {}
+    metrics = {}
+    if len(data.y_val):
+        model = load_global(reusable_model(cfg.model, data.spec), msg.content["arrays"])
+        metrics = evaluate(model, data.x_val, data.y_val)
     metrics["num-examples"] = len(data.y_val)
     return Message(RecordDict({"metrics": MetricRecord(metrics), "meta": _meta(data)}), reply_to=msg)
 

@@ -466,6 +466,7 @@ def serve_forked_tasks(runtime_api_address: str, warm_dataset: str | None = None
     from flwr.supernode.runtime.run_clientapp import run_clientapp
 
     import client.app  # noqa: F401  (imported for its side effect: everything a task needs, once)
+    import client.dpsgd  # noqa: F401  (Opacus: client.app imports it lazily, at a DP round; every child inherits it)
 
     if warm_dataset:
         from client.datasets import load_dataset

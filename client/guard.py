@@ -13,7 +13,6 @@ from pathlib import Path
 
 from flwr.app import ConfigRecord, Context
 
-from client.dpsgd import DPPlan
 from privacy import Budget, BudgetDecision, DPConfig, PrivacyLedger, Step, calibrate_noise, check_budget
 
 STATE_KEY = "fedpriv.ledger"
@@ -77,6 +76,8 @@ def plan_round(dp: DPConfig, num_examples: int, batch_size: int, local_epochs: i
                ledger: PrivacyLedger, budget: Budget | None) -> RoundPlan:
     """This round's DP-SGD step. With a target epsilon the noise is calibrated once for the whole planned run
     (every round the client may be sampled for), so the composed epsilon at the end meets the target."""
+    from client.dpsgd import DPPlan  # imports opacus: only DP runs get here, so others start without it
+
     plan = DPPlan.for_round(num_examples, batch_size, local_epochs)
     if dp.noise_multiplier is not None:
         z = dp.noise_multiplier

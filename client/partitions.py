@@ -144,16 +144,17 @@ def _read_idx(partitioner, num_parts: int) -> list[np.ndarray]:
 
 
 def _by_label(y: np.ndarray, spec: PartitionSpec, num_clients: int, seed: int) -> list[np.ndarray]:
-    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, PathologicalPartitioner
-
     # Rows go in a seeded random order: IidPartitioner cuts contiguous shards and the label-skew
     # partitioners hand out each class's examples in row order, so the order is where the randomness is.
     order = np.random.default_rng(seed).permutation(len(y))
-    table = _table({"label": y[order], "idx": order})
     if spec.kind == "iid":
-        partitioner = IidPartitioner(num_partitions=num_clients)
-        partitioner.dataset = table
-        return _read_idx(partitioner, num_clients)
+        # IidPartitioner's contiguous shards (the first len % n shards one longer), cut here directly: going
+        # through a Hugging Face table costs about 1 s per 100 clients; the shards are the same (tested).
+        return np.array_split(order, num_clients)
+    # Imported here: flwr_datasets imports matplotlib (and Hugging Face datasets), seconds an IID run saves.
+    from flwr_datasets.partitioner import DirichletPartitioner, PathologicalPartitioner
+
+    table = _table({"label": y[order], "idx": order})
     if spec.kind == "dirichlet":
         # self_balancing stops giving a client more examples once it holds an even share: the skew stays
         # in the labels and client sizes stay comparable, so per-client DP noise is not dominated by a few

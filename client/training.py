@@ -7,7 +7,6 @@ from collections.abc import Iterator, Mapping
 
 import numpy as np
 import torch
-from sklearn import metrics as skm
 from torch import nn
 
 from client.config import TrainConfig
@@ -45,12 +44,14 @@ def proximal_term(model: nn.Module, anchor: Mapping[str, torch.Tensor], mu: floa
 
 
 def train(
-    model: nn.Module, x: np.ndarray, y: np.ndarray, cfg: TrainConfig, *, seed: int
+    model: nn.Module, x: np.ndarray, y: np.ndarray, cfg: TrainConfig, *, seed: int,
+    optimizer: torch.optim.Optimizer | None = None,
 ) -> dict[str, float]:
-    """Train `model` in place for cfg.local_epochs over (x, y); returns loss, accuracy and the step count."""
+    """Train `model` in place for cfg.local_epochs over (x, y); returns loss, accuracy and the step count.
+    `optimizer`: one over model's parameters with cfg's settings and no state (default: a new one)."""
     generator = torch.Generator().manual_seed(seed)
     xt, yt = as_tensor(x), as_tensor(y)
-    optimizer = make_optimizer(model.parameters(), cfg)
+    optimizer = optimizer if optimizer is not None else make_optimizer(model.parameters(), cfg)
     loss_fn = nn.CrossEntropyLoss()
     anchor = (
         {n: p.detach().clone() for n, p in model.named_parameters()} if cfg.proximal_mu > 0 else None
@@ -81,25 +82,62 @@ def predict(model: nn.Module, x: np.ndarray, batch_size: int = 1024) -> torch.Te
     return torch.cat([model(xt[i : i + batch_size]) for i in range(0, len(xt), batch_size)])
 
 
+def confusion_matrix(y_true: torch.Tensor, y_pred: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """counts[i, j]: examples of class i predicted as j (one bincount; no per-call validation as in sklearn)."""
+    return torch.bincount(y_true * num_classes + y_pred, minlength=num_classes * num_classes).reshape(
+        num_classes, num_classes)
+
+
+def binary_roc_auc(y_true: np.ndarray, scores: np.ndarray) -> float:
+    """ROC AUC as the Mann-Whitney U statistic over average ranks (ties count one half), which is what
+    sklearn's roc_auc_score computes; NaN when only one class is present."""
+    positives = y_true == 1
+    n_pos = int(positives.sum())
+    n_neg = len(y_true) - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    order = np.argsort(scores, kind="mergesort")
+    ranked = scores[order]
+    # Average rank of each run of equal scores: (first + last) / 2, 1-based.
+    starts = np.flatnonzero(np.r_[True, ranked[1:] != ranked[:-1]])
+    ends = np.r_[starts[1:], len(ranked)]
+    run_ranks = (starts + ends + 1) / 2.0
+    ranks = np.empty(len(scores))
+    ranks[order] = np.repeat(run_ranks, ends - starts)
+    return float((ranks[positives].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
 def classification_metrics(y_true: np.ndarray, logits: torch.Tensor) -> dict[str, float]:
-    """Loss, accuracy, macro precision/recall/F1, and ROC AUC for binary tasks (sklearn.metrics)."""
+    """Loss, accuracy, macro precision/recall/F1, and ROC AUC for binary tasks.
+
+    Computed from one confusion matrix: on a client's few held-out examples sklearn's per-call input
+    validation cost more than the model did. Macro averages follow sklearn's `average="macro",
+    zero_division=0`: over the classes present in the labels or the predictions (tested against sklearn).
+    """
     if len(y_true) == 0:
         return {}
     yt = as_tensor(y_true)
+    num_classes = logits.shape[1]
     loss = float(nn.functional.cross_entropy(logits, yt))
-    pred = logits.argmax(1).numpy()
-    precision, recall, f1, _ = skm.precision_recall_fscore_support(y_true, pred, average="macro", zero_division=0)
+    pred = logits.argmax(1)
+    counts = confusion_matrix(yt.long(), pred, num_classes).double()
+    tp = counts.diagonal()
+    true_n, pred_n = counts.sum(1), counts.sum(0)
+    present = (true_n + pred_n) > 0
+    precision = torch.where(pred_n > 0, tp / pred_n.clamp(min=1), 0.0)
+    recall = torch.where(true_n > 0, tp / true_n.clamp(min=1), 0.0)
+    f1 = 2 * tp / (true_n + pred_n).clamp(min=1)
     out = {
         "loss": loss,
-        "accuracy": float(skm.accuracy_score(y_true, pred)),
-        "precision_macro": float(precision),
-        "recall_macro": float(recall),
-        "f1_macro": float(f1),
+        "accuracy": float(tp.sum() / len(y_true)),
+        "precision_macro": float(precision[present].mean()),
+        "recall_macro": float(recall[present].mean()),
+        "f1_macro": float(f1[present].mean()),
     }
-    if logits.shape[1] == 2:
+    if num_classes == 2:
         scores = torch.softmax(logits, 1)[:, 1].numpy()
         # AUC is undefined when the held-out part holds a single class (common on small, skewed clients).
-        out["roc_auc"] = float(skm.roc_auc_score(y_true, scores)) if len(np.unique(y_true)) == 2 else float("nan")
+        out["roc_auc"] = binary_roc_auc(np.asarray(y_true), scores)
     return out
 
 

@@ -1,20 +1,33 @@
 """Model zoo behind one registry; every registered model trains with Opacus DP-SGD.
 
 Usage: `build_model("cnn", TaskSpec(input_shape=(1, 28, 28), num_classes=10), seed=0)`.
+
+Names are imported on first use (PEP 562): `from models import TaskSpec` (what a dataset needs) must not
+import torch. The registry is filled, by importing the model modules, before any registry function is given out.
 """
 
-from models.dp_check import check_trainable_with_dp
-from models.registry import build_model, model_names, register_model
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 from models.task import ModelError, TaskSpec
 
-# Imported for their @register_model side effect: this fills the registry.
-from models import dense, sequence, vision  # noqa: E402,F401  isort: skip
+_EXPORTS = {
+    "build_model": "models.registry", "model_names": "models.registry", "register_model": "models.registry",
+    "check_trainable_with_dp": "models.dp_check",
+}
 
-__all__ = [
-    "ModelError",
-    "TaskSpec",
-    "build_model",
-    "check_trainable_with_dp",
-    "model_names",
-    "register_model",
-]
+__all__ = ["ModelError", "TaskSpec", *sorted(_EXPORTS)]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'models' has no attribute {name!r}")
+    module = importlib.import_module(_EXPORTS[name])
+    # Imported for their @register_model side effect: this fills the registry.
+    from models import dense, sequence, vision  # noqa: F401
+
+    value = getattr(module, name)
+    globals()[name] = value
+    return value

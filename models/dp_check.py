@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from opacus.validators import ModuleValidator
 from torch import nn
 
 from models.task import ModelError
@@ -44,6 +43,7 @@ _KNOWN: dict[type[nn.Module], tuple[str, str]] = {
 
 def _offending_layers(model: nn.Module) -> dict[type[nn.Module], list[str]]:
     """Names of layers Opacus's validators reject, grouped by layer type, in model order."""
+    from opacus.validators import ModuleValidator
     found: dict[type[nn.Module], list[str]] = {}
     for name, module in model.named_modules():
         kind = type(module)
@@ -79,6 +79,9 @@ def check_trainable_with_dp(model: nn.Module) -> None:
     """
     if not isinstance(model, nn.Module):
         raise ModelError(f"expected a torch.nn.Module, got {type(model).__name__}; pass the model itself")
+    # Imported here: opacus costs seconds to import; only DP runs check their model with it.
+    from opacus.validators import ModuleValidator
+
     errors = ModuleValidator.validate(model, strict=False)
     layers = _offending_layers(model)
     if not errors and not layers:

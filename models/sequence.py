@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from opacus.layers import DPLSTM
 from torch import nn
 
 from models.registry import register_model
@@ -22,6 +21,9 @@ class CharLSTM(nn.Module):
 
     def __init__(self, vocab_size: int, num_classes: int, embed_dim: int = 8, hidden: int = 256) -> None:
         super().__init__()
+        # Imported here: opacus costs seconds to import, which a run without this model should not pay.
+        from opacus.layers import DPLSTM
+
         self.embedding = nn.Embedding(vocab_size, embed_dim)
         self.lstm = DPLSTM(embed_dim, hidden, num_layers=2, batch_first=True)
         self.head = nn.Linear(hidden, num_classes)

@@ -15,18 +15,33 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
 import logging
 import math
 import operator
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
-import dp_accounting
 import numpy as np
-from dp_accounting import pld as dp_pld
-from dp_accounting import rdp as dp_rdp
-from dp_accounting.pld import privacy_loss_distribution
-from dp_accounting.rdp import rdp_privacy_accountant
+
+
+class _Deferred:
+    """A module imported on its first attribute access. dp_accounting (with scipy) costs seconds to import,
+    which every command that merely names a PrivacyError or a DPConfig, and every run without DP, would pay."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    def __getattr__(self, attr: str) -> Any:
+        return getattr(importlib.import_module(self._name), attr)
+
+
+dp_accounting = _Deferred("dp_accounting")
+dp_pld = _Deferred("dp_accounting.pld")
+dp_rdp = _Deferred("dp_accounting.rdp")
+privacy_loss_distribution = _Deferred("dp_accounting.pld.privacy_loss_distribution")
+rdp_privacy_accountant = _Deferred("dp_accounting.rdp.rdp_privacy_accountant")
 
 ACCOUNTANTS = ("rdp", "prv", "pld")
 SAMPLINGS = ("poisson", "fixed")

@@ -17,6 +17,7 @@ class ServerConfig:
     num_rounds: int = 10
     fraction_train: float = 1.0
     fraction_evaluate: float = 1.0
+    max_evaluate_clients: int = 0  # a cap on the clients evaluated a round; 0 = no cap
     server_learning_rate: float = 0.1
     server_momentum: float = 0.9
     trim_beta: float = 0.2
@@ -32,6 +33,7 @@ class ServerConfig:
         "num-rounds": 10,
         "fraction-train": 1.0,
         "fraction-evaluate": 1.0,
+        "max-evaluate-clients": 0,
         "server-learning-rate": 0.1,
         "server-momentum": 0.9,
         "trim-beta": 0.2,
@@ -45,9 +47,13 @@ class ServerConfig:
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
             raise ConfigError(f"unknown strategy {self.strategy!r}; choose one of: {', '.join(STRATEGIES)}")
-        for key, value in (("fraction-train", self.fraction_train), ("fraction-evaluate", self.fraction_evaluate)):
-            if not 0.0 < value <= 1.0:
-                raise ConfigError(f"{key} = {value} is out of range; it must be in (0, 1]")
+        if not 0.0 < self.fraction_train <= 1.0:
+            raise ConfigError(f"fraction-train = {self.fraction_train} is out of range; it must be in (0, 1]")
+        if not 0.0 <= self.fraction_evaluate <= 1.0:
+            raise ConfigError(f"fraction-evaluate = {self.fraction_evaluate} is out of range; it must be in [0, 1] "
+                              "(0: no client evaluation, the server's test-set evaluation only)")
+        if self.max_evaluate_clients < 0:
+            raise ConfigError(f"max-evaluate-clients = {self.max_evaluate_clients} must be >= 0 (0 = no cap)")
         if self.num_rounds < 1:
             raise ConfigError(f"num-rounds = {self.num_rounds} is out of range; it must be >= 1")
         if not 0.0 <= self.trim_beta < 0.5:
@@ -75,6 +81,7 @@ class ServerConfig:
             num_rounds=get("num-rounds", int),
             fraction_train=get("fraction-train", float),
             fraction_evaluate=get("fraction-evaluate", float),
+            max_evaluate_clients=get("max-evaluate-clients", int),
             server_learning_rate=get("server-learning-rate", float),
             server_momentum=get("server-momentum", float),
             trim_beta=get("trim-beta", float),

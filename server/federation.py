@@ -116,6 +116,7 @@ def run_federation(grid: Grid, run_config: Mapping[str, Any], *, progress: bool 
         num_rounds=server_cfg.num_rounds,
         fraction_train=server_cfg.fraction_train,
         fraction_evaluate=server_cfg.fraction_evaluate,
+        max_evaluate_clients=server_cfg.max_evaluate_clients,
         seed=server_cfg.seed,
         round_timeout=server_cfg.round_timeout,
         client_sampling=dp.client_sampling if "user" in dp.modes else "fixed",
@@ -144,8 +145,11 @@ def run_federation(grid: Grid, run_config: Mapping[str, Any], *, progress: bool 
             acc = record.server.get("accuracy", float("nan"))
             bar.update(task, completed=record.round, description=f"server accuracy {acc:.4f}")
 
-        arrays = run_rounds(grid, strategy, arrays, settings, evaluate_global, on_round, aggregate,
-                            secure_train=secure)
+        try:
+            arrays = run_rounds(grid, strategy, arrays, settings, evaluate_global, on_round, aggregate,
+                                secure_train=secure)
+        finally:  # metrics.json holds every finished round, however the run ends
+            records.flush()
 
     records.save_model(arrays.to_torch_state_dict())
     if auditor is not None:

@@ -1,7 +1,11 @@
-"""A run's records: config.toml, metrics.json, metrics.csv and model.pt in the run's folder.
+"""A run's records: config.toml, metrics.jsonl, metrics.json, metrics.csv and model.pt in the run's folder.
 
-metrics.json and metrics.csv are rewritten after every round (atomically), so a run that stops early keeps
-every round it finished.
+Each finished round is appended, never rewritten: one JSON line to metrics.jsonl (flushed to disk before the
+next round starts, so a run that stops early keeps every round it finished) and its rows to metrics.csv.
+metrics.json (`{"rounds": [...]}`, what `fedpriv report`, compare and sweep read) is the same rounds as one
+document: rewriting it after every round grows quadratically with the run (seconds over a 1000-client run
+of short rounds), so after a round it is rewritten only if that keeps its rewrites under JSON_MAX_SHARE of
+the time since the last one (slow rounds, as in a deployment: every round), and always when the run ends.
 """
 
 from __future__ import annotations
@@ -10,14 +14,17 @@ import csv
 import io
 import json
 import math
+import os
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import tomli_w
-import torch
 
 from privacy.files import write_atomic
+
+JSON_MAX_SHARE = 0.1  # of a run's time, at most this much goes to rewriting metrics.json
 
 
 def clean(value: Any) -> Any:
@@ -31,39 +38,90 @@ def clean(value: Any) -> Any:
     return value
 
 
+def read_rounds(run_dir: str | Path) -> list[dict[str, Any]]:
+    """Every recorded round, in order: from metrics.jsonl (complete up to the last finished round), else from
+    metrics.json. A round recorded twice (a resumed run that repeated it) counts once, the later record."""
+    run_dir = Path(run_dir)
+    lines = run_dir / "metrics.jsonl"
+    if lines.exists():
+        by_round: dict[int, dict[str, Any]] = {}
+        for line in lines.read_text().splitlines():
+            # A line cut short by a crash mid-write is the only line that can fail to parse: the last one.
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            by_round[int(record["round"])] = record
+        return [by_round[r] for r in sorted(by_round)]
+    document = run_dir / "metrics.json"
+    return json.loads(document.read_text())["rounds"] if document.exists() else []
+
+
 class RunRecords:
     """Collects per-round records and keeps the files in `out_dir` current."""
 
     def __init__(self, out_dir: str | Path, run_config: Mapping[str, Any], keep_existing: bool = False) -> None:
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.rounds: list[dict[str, Any]] = []
-        existing = self.out_dir / "metrics.json"
-        if keep_existing and existing.exists():  # a resumed run goes on with the rounds already recorded
-            self.rounds = json.loads(existing.read_text())["rounds"]
+        self.rounds: list[dict[str, Any]] = read_rounds(self.out_dir) if keep_existing else []
+        self._columns: list[str] = []
+        self._json_written = -math.inf  # when metrics.json was last rewritten (time.monotonic)
+        self._json_cost = 0.0  # and how long that took
         write_atomic(self.out_dir / "config.toml", tomli_w.dumps(dict(run_config)))
+        # A fresh start of every file (a resumed run rewrites what it keeps, once, without repeated rounds).
+        self._rewrite_appended()
+
+    @property
+    def jsonl_path(self) -> Path:
+        return self.out_dir / "metrics.jsonl"
 
     def add_round(self, record: dict[str, Any]) -> None:
-        self.rounds = [r for r in self.rounds if r["round"] != record["round"]] + [clean(record)]
+        record = clean(record)
+        replaces = any(r["round"] == record["round"] for r in self.rounds)
+        self.rounds = [r for r in self.rounds if r["round"] != record["round"]] + [record]
         self.rounds.sort(key=lambda r: r["round"])
-        self._flush()
+        rows = csv_rows([record])
+        new_columns = _columns_of(rows, self._columns)
+        if replaces or new_columns != self._columns or record is not self.rounds[-1]:
+            self._columns = new_columns
+            self._rewrite_appended()
+        else:
+            with self.jsonl_path.open("a") as fh:
+                fh.write(json.dumps(record) + "\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+            with (self.out_dir / "metrics.csv").open("a", newline="") as fh:
+                csv.DictWriter(fh, fieldnames=self._columns, lineterminator="\n").writerows(rows)
+        if time.monotonic() - self._json_written >= self._json_cost / JSON_MAX_SHARE:
+            self.flush()
+
+    def flush(self) -> None:
+        """Bring metrics.json up to date with every recorded round (also called when the run ends)."""
+        started = time.monotonic()
+        write_atomic(self.out_dir / "metrics.json", json.dumps({"rounds": self.rounds}, indent=1))
+        self._json_written = time.monotonic()
+        self._json_cost = self._json_written - started
 
     def final_server_metrics(self) -> dict[str, Any]:
         return self.rounds[-1]["server"] if self.rounds else {}
 
-    def save_model(self, state_dict: Mapping[str, torch.Tensor]) -> Path:
+    def save_model(self, state_dict: Mapping[str, Any]) -> Path:
+        import torch  # here, not at the top: `fedpriv sweep` imports this module and should not wait for torch
+
         path = self.out_dir / "model.pt"
         buffer = io.BytesIO()
         torch.save(dict(state_dict), buffer)
         write_atomic(path, buffer.getvalue())
         return path
 
-    def _flush(self) -> None:
-        write_atomic(self.out_dir / "metrics.json", json.dumps({"rounds": self.rounds}, indent=1))
-        write_atomic(self.out_dir / "metrics.csv", metrics_csv(self.rounds))
+    def _rewrite_appended(self) -> None:
+        write_atomic(self.jsonl_path, "".join(json.dumps(r) + "\n" for r in self.rounds))
+        rows = csv_rows(self.rounds)
+        self._columns = _columns_of(rows, self._columns)
+        write_atomic(self.out_dir / "metrics.csv", _csv_text(rows, self._columns, header=True))
 
 
-def metrics_csv(rounds: list[dict[str, Any]]) -> str:
+def csv_rows(rounds: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per (round, source, client): source is 'server', 'train' or 'evaluate'."""
     rows: list[dict[str, Any]] = []
     for r in rounds:
@@ -72,11 +130,30 @@ def metrics_csv(rounds: list[dict[str, Any]]) -> str:
             for entry in r.get(source, []):
                 rows.append({"round": r["round"], "source": source, "client_id": entry["client_id"],
                              **entry["metrics"]})
-    columns: list[str] = []
+    return rows
+
+
+def _columns_of(rows: list[dict[str, Any]], known: list[str]) -> list[str]:
+    columns = list(known) or ["round", "source", "client_id"]
+    seen = set(columns)
     for row in rows:
-        columns += [k for k in row if k not in columns]
+        for key in row:
+            if key not in seen:
+                seen.add(key)
+                columns.append(key)
+    return columns
+
+
+def _csv_text(rows: list[dict[str, Any]], columns: list[str], header: bool) -> str:
     out = io.StringIO()
     writer = csv.DictWriter(out, fieldnames=columns, lineterminator="\n")
-    writer.writeheader()
+    if header:
+        writer.writeheader()
     writer.writerows(rows)
     return out.getvalue()
+
+
+def metrics_csv(rounds: list[dict[str, Any]]) -> str:
+    """The whole metrics.csv for `rounds`, as RunRecords leaves it."""
+    rows = csv_rows(rounds)
+    return _csv_text(rows, _columns_of(rows, []), header=True)

@@ -61,6 +61,7 @@ class ClientDirectory:
 
     def __init__(self) -> None:
         self.by_node: dict[int, str] = {}
+        self._by_client: dict[str, int] = {}  # client id -> node id, checked against by_node on every use
 
     def refresh(self, grid: Grid, timeout: float) -> None:
         """Ask every node not yet known who it is (one `query` message each)."""
@@ -70,18 +71,29 @@ class ClientDirectory:
         if not unknown:
             return
         messages = [Message(RecordDict(), dst_node_id=n, message_type=QUERY) for n in unknown]
+        known = {c: n for n, c in self.by_node.items()}
         for reply in exchange(grid, messages, timeout):
             cid = client_id_of(reply)
             if cid is not None:
                 # A client that reconnects under a new node id replaces its old entry.
-                self.by_node = {n: c for n, c in self.by_node.items() if c != cid}
-                self.by_node[reply.metadata.src_node_id] = cid
+                if cid in known:
+                    self.by_node.pop(known[cid], None)
+                node = reply.metadata.src_node_id
+                self.by_node[node] = cid
+                known[cid] = node
+        self._by_client = known
 
     def clients(self) -> list[str]:
         return sorted(self.by_node.values(), key=_client_sort_key)
 
     def node_of(self, client_id: str) -> int:
-        return next(n for n, c in self.by_node.items() if c == client_id)
+        # A reverse index, rebuilt when the directory changed: a scan per sampled client costs O(clients)
+        # each, which at 10,000 clients and cohorts of 100 was a visible part of a round.
+        node = self._by_client.get(client_id)
+        if node is None or self.by_node.get(node) != client_id:
+            self._by_client = {c: n for n, c in self.by_node.items()}
+            node = self._by_client[client_id]
+        return node
 
 
 def _client_sort_key(client_id: str) -> tuple[int, Any]:
@@ -90,12 +102,17 @@ def _client_sort_key(client_id: str) -> tuple[int, Any]:
 
 
 def sample_clients(clients: list[str], fraction: float, seed: int, server_round: int, purpose: str,
-                   mode: str = "fixed") -> list[str]:
-    """Seeded per (seed, round, purpose), so a resumed run samples exactly what an uninterrupted one would."""
+                   mode: str = "fixed", cap: int = 0) -> list[str]:
+    """Seeded per (seed, round, purpose), so a resumed run samples exactly what an uninterrupted one would.
+    A fixed sample takes at least one client, unless fraction is 0; cap > 0 bounds its size."""
+    if fraction <= 0:
+        return []
     rng = np.random.default_rng([seed, server_round, {"train": 0, "evaluate": 1}[purpose]])
     if mode == "poisson":
         return [c for c, u in zip(clients, rng.random(len(clients)), strict=True) if u < fraction]
     k = max(1, math.floor(len(clients) * fraction + 1e-9))
+    if cap > 0:
+        k = min(k, cap)
     chosen = rng.choice(len(clients), size=min(k, len(clients)), replace=False)
     return [clients[i] for i in sorted(chosen)]
 
@@ -137,6 +154,7 @@ class LoopSettings:
     seed: int
     round_timeout: float
     client_sampling: str = "fixed"
+    max_evaluate_clients: int = 0  # 0 = no cap
     min_clients: int = 1
     start_round: int = 1  # > 1 when resuming from a checkpoint
 
@@ -239,12 +257,14 @@ def run_rounds(
             else:
                 log.warning("round %d: %d usable updates, fewer than min-clients %d; the model is unchanged",
                             server_round, len(good), settings.min_clients)
-        evaluators = sample_clients(clients, settings.fraction_evaluate, settings.seed, server_round, "evaluate")
-        subset = SubsetGrid(grid, [directory.node_of(c) for c in evaluators])
-        messages = list(strategy.configure_evaluate(server_round, arrays, ConfigRecord(), subset))
-        replies = _split_replies(exchange(grid, messages, settings.round_timeout), directory,
-                                 arrays, record, check_arrays=False)
-        record.evaluate = [{"client_id": client_id_of(r) or "?", "metrics": _metrics_of(r)} for r in replies]
+        evaluators = sample_clients(clients, settings.fraction_evaluate, settings.seed, server_round, "evaluate",
+                                    cap=settings.max_evaluate_clients)
+        if evaluators:
+            subset = SubsetGrid(grid, [directory.node_of(c) for c in evaluators])
+            messages = list(strategy.configure_evaluate(server_round, arrays, ConfigRecord(), subset))
+            replies = _split_replies(exchange(grid, messages, settings.round_timeout), directory,
+                                     arrays, record, check_arrays=False)
+            record.evaluate = [{"client_id": client_id_of(r) or "?", "metrics": _metrics_of(r)} for r in replies]
         record.server = evaluate_fn(server_round, arrays)
         record.seconds = time.perf_counter() - started
         on_round(record, arrays)

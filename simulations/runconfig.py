@@ -14,9 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from client import ConfigError, DataConfig, DataError, TrainConfig, load_dataset, partition_data
+from client import ConfigError, DataConfig, DataError, TrainConfig
 from client.secagg_config import SecAggConfig
-from models import build_model, check_trainable_with_dp
 from privacy import DPConfig, PrivacyError
 from server import ServerConfig
 
@@ -83,6 +82,10 @@ def validate(run_config: Mapping[str, Any]) -> Configs:
     """Everything that can be known before training starts: values, data files, partitions, model fit."""
     configs = Configs(DataConfig.from_run_config(run_config), TrainConfig.from_run_config(run_config),
                       ServerConfig.from_run_config(run_config), DPConfig.from_run_config(run_config))
+    # Imported here: torch and the model zoo cost seconds, which building the command line should not pay.
+    from client import load_dataset, partition_data
+    from models import build_model
+
     dataset = load_dataset(configs.data.dataset, configs.data.data_dir or None)
     if configs.data.num_clients > len(dataset.y_train):
         raise DataError(f"num-clients = {configs.data.num_clients} is more than the {len(dataset.y_train)} training "
@@ -116,6 +119,8 @@ def check_dp(configs: Configs, model: Any, num_examples: int) -> None:
     """DP settings that a strategy or model cannot honour are errors now, not surprises after training."""
     dp, strategy = configs.dp, configs.server.strategy
     if "sample" in dp.modes:
+        from models import check_trainable_with_dp
+
         check_trainable_with_dp(model)
         if strategy == "fedprox" or configs.train.proximal_mu > 0:
             raise PrivacyError("dp=sample cannot be combined with FedProx: its proximal term is not a per-example "

@@ -27,7 +27,9 @@ def add_run_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--num-clients", type=int)
     g.add_argument("--rounds", type=int)
     g.add_argument("--fraction-train", type=float, help="share of clients sampled per round, in (0, 1]")
-    g.add_argument("--fraction-evaluate", type=float)
+    g.add_argument("--fraction-evaluate", type=float,
+                   help="share of clients evaluated per round, in [0, 1]; 0: the server's test set only")
+    g.add_argument("--max-evaluate-clients", type=int, help="at most this many clients evaluated a round (0: no cap)")
     g.add_argument("--local-epochs", type=int)
     g.add_argument("--batch-size", type=int)
     g.add_argument("--optimizer", help="sgd | adam | adamw | rmsprop")
@@ -78,6 +80,7 @@ def overrides_from(args: argparse.Namespace, flags: list[str]) -> dict[str, Any]
 
 
 RUN_FLAGS = ["dataset", "data-dir", "model", "num-clients", "rounds", "fraction-train", "fraction-evaluate",
+             "max-evaluate-clients",
              "local-epochs", "batch-size", "optimizer", "lr", "momentum", "weight-decay", "partition", "strategy",
              "proximal-mu", "seed", "out", "dp", "max-grad-norm", "noise-multiplier", "target-epsilon", "delta",
              "accountant", "budget-epsilon", "budget-delta", "user-noise-multiplier", "user-clipping-norm",
@@ -95,6 +98,9 @@ def simulate(run_config: Mapping[str, Any], engine: str = "inprocess") -> Path:
     from client.app import app as client_app
     from server.app import app as server_app
 
+    # Flower sets its logger to INFO when first imported, which is now (not when the parser is built):
+    # every sampling and aggregation step would be logged; the progress bar says what a user needs.
+    logging.getLogger("flwr").setLevel(logging.WARNING)
     if engine == "ray":
         from simulations.ray_engine import run_ray
 
@@ -126,8 +132,6 @@ def run_simulate(args: argparse.Namespace) -> int:
 
         # Bad audit input fails now, before the run, not after it.
         check_audit_dp(run_config, args.canaries or DEFAULT_CANARIES, args.confidence)
-    # Flower logs every sampling and aggregation step at INFO; the progress bar says what a user needs.
-    logging.getLogger("flwr").setLevel(logging.WARNING)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     out = simulate(run_config, args.engine)
     print(f"records written to {out}  (config.toml, metrics.json, metrics.csv, model.pt)")

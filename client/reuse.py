@@ -1,0 +1,65 @@
+"""What a ClientApp process keeps between messages: a model per (architecture, task), its optimizer, and the
+last global weights it decoded.
+
+Flower builds the ClientApp's handler anew for every message, and a simulated node gets thousands of them;
+building a module, an optimizer and decoding the same global weights for each was most of a small client's
+time. Everything kept here is overwritten before use (weights loaded in place, optimizer state cleared), so
+a client's result is the same as with fresh objects, bit for bit (tests/test_engine_speed.py checks it).
+Not for DP-SGD: Opacus wraps a module once and cannot wrap it again, so that path builds a fresh one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from client.config import TrainConfig
+from client.training import make_optimizer
+from models import TaskSpec, build_model
+
+_MODELS: dict[tuple[str, TaskSpec], nn.Module] = {}
+_OPTIMIZERS: dict[tuple[int, str, float, float, float], torch.optim.Optimizer] = {}
+# Array name -> (the serialized bytes object it was decoded from, the decoded tensor). One entry per name:
+# in-process, the 50 messages of a round carry one and the same ArrayRecord, decoded once here.
+_DECODED: dict[str, tuple[bytes, torch.Tensor]] = {}
+
+
+def reusable_model(name: str, spec: TaskSpec) -> nn.Module:
+    """This process's module for (name, spec), built once; load weights into it before every use."""
+    key = (name, spec)
+    if key not in _MODELS:
+        _MODELS[key] = build_model(name, spec)
+    return _MODELS[key]
+
+
+def reusable_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """An optimizer over `model` with cfg's settings and no state (momentum, Adam moments), as a new one."""
+    key = (id(model), cfg.optimizer, cfg.learning_rate, cfg.momentum, cfg.weight_decay)
+    optimizer = _OPTIMIZERS.get(key)
+    if optimizer is None:
+        optimizer = _OPTIMIZERS[key] = make_optimizer(model.parameters(), cfg)
+    optimizer.state.clear()
+    return optimizer
+
+
+def decoded_state(arrays: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """A Flower ArrayRecord as a torch state dict, decoding each Array only when its bytes are new.
+
+    The bytes objects are compared by identity and kept referenced, so a hit is always the same bytes;
+    the tensors are only ever read (load_state_dict copies them into the model)."""
+    state: dict[str, torch.Tensor] = {}
+    for key, array in arrays.items():
+        hit = _DECODED.get(key)
+        if hit is None or hit[0] is not array.data:
+            hit = _DECODED[key] = (array.data, torch.from_numpy(array.numpy()))
+        state[key] = hit[1]
+    return state
+
+
+def load_global(model: nn.Module, arrays: Mapping[str, Any]) -> nn.Module:
+    """Load the message's weights into `model` in place (strict: every key must match)."""
+    model.load_state_dict(decoded_state(arrays))
+    return model

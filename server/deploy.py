@@ -320,8 +320,13 @@ def describe_round(record: Mapping[str, Any], num_rounds: int) -> str:
     if record.get("missing"):
         parts.append(f"missing: {', '.join(record['missing'])}")
     for key in ("dropped", "refused"):
+        said = set()
         for entry in record.get(key, []):
-            parts.append(f"{key} {entry['client_id']}: {_short(entry['reason'])}")
+            # A client that refuses a run answers its train and its evaluate message alike: say it once.
+            line = f"{key} {entry['client_id']}: {_short(entry['reason'], 160 if key == 'refused' else 90)}"
+            if line not in said:
+                said.add(line)
+                parts.append(line)
     parts.append(f"{record.get('seconds', 0.0):.1f} s")
     return "  ".join(parts)
 

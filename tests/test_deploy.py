@@ -45,11 +45,12 @@ class Processes:
         self.logs = logs
         self.started: list[subprocess.Popen] = []
 
-    def fedpriv(self, name: str, *args: str) -> subprocess.Popen:
-        env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
+    def fedpriv(self, name: str, *args: str, env: dict[str, str] | None = None,
+                cwd: Path = ROOT) -> subprocess.Popen:
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", **(env or {})}
         out = open(self.logs / f"{name}.out", "ab")  # noqa: SIM115 - the child holds it; closed below
         try:
-            proc = subprocess.Popen([sys.executable, "-m", "simulations.cli", *args], cwd=ROOT, env=env,
+            proc = subprocess.Popen([sys.executable, "-m", "simulations.cli", *args], cwd=cwd, env=env,
                                     stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         finally:
             out.close()
@@ -148,8 +149,7 @@ def test_deployment_with_tls_auth_dp_a_crashed_client_and_a_resumed_server(tmp_p
     def client(i: int) -> subprocess.Popen:
         return procs.fedpriv(f"client-{i}", "client", "--superlink", address, "--certs", str(certs.root),
                              "--data", str(files[i].path), "--state-dir", str(tmp_path / f"state-{i}"),
-                             "--threads", "1", "--executor", "fork", "--dataset", "digits",
-                             "--poll-interval", "0.5")
+                             "--threads", "1", "--dataset", "digits")
 
     try:
         server = procs.fedpriv("server", *server_args, "--dataset", "digits", "--model", "mlp",

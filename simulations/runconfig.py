@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from client import ConfigError, DataConfig, DataError, TrainConfig, load_dataset, partition_data
+from client.config import with_recommended
 from models import build_model, check_trainable_with_dp
 from privacy import DPConfig, PrivacyError
 from server import ServerConfig
@@ -51,7 +52,7 @@ def resolve(config_file: str | Path | None, overrides: Mapping[str, Any]) -> dic
             default = config[key]
             config[key] = _coerce(key, value, default)
     config["out-dir"] = str(Path(config["out-dir"]).expanduser().resolve())
-    return config
+    return with_recommended(config)
 
 
 def _coerce(key: str, value: Any, default: Any) -> Any:

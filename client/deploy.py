@@ -34,6 +34,7 @@ from cryptography.hazmat.primitives.serialization import load_ssh_private_key
 from client.config import ConfigError, DataConfig
 from client.datasets import DATASETS
 from client.localfile import load_local_file
+from client.paths import input_file, output_dir
 from client.processes import die_with_parent, flower_bin, flower_env, start_group, stop_group
 from client.task import file_data
 from client.trust import TrustedApp, check_bundle, refusal_line
@@ -207,7 +208,7 @@ class ClientSettings:
 
 
 def settings_from(args: argparse.Namespace) -> ClientSettings:
-    data = Path(args.data).expanduser().resolve()
+    data = input_file(args.data, "--data", "owner's .npz or .csv file")
     client_id = args.client_id or data.stem
     root_cert = Path(args.root_cert).expanduser().resolve() if args.root_cert else None
     key = Path(args.key).expanduser().resolve() if args.key else None
@@ -221,7 +222,7 @@ def settings_from(args: argparse.Namespace) -> ClientSettings:
             if not key.is_file():
                 raise ClientDeployError(f"no key for client {client_id!r} in {certs / 'client-keys'}; pass "
                                         "--key FILE, or --client-id naming one of the keys there")
-    state_dir = Path(args.state_dir).expanduser().resolve()
+    state_dir = output_dir(args.state_dir, "--state-dir")
     return ClientSettings(superlink=args.superlink, data=data, state_dir=state_dir, client_id=client_id,
                           root_cert=root_cert, key=key, insecure=args.insecure,
                           budget_epsilon=args.budget_epsilon, budget_delta=args.budget_delta,

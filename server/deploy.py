@@ -33,6 +33,7 @@ from typing import Any
 import tomli_w
 
 from client import ConfigError
+from client.paths import input_dir
 from client.processes import flower_bin, flower_env, start_group, stop_group
 from server.certs import CertFiles, check_public_key, check_server_certs
 
@@ -220,7 +221,7 @@ def run_config_from(args: argparse.Namespace) -> dict[str, Any]:
             overrides[key] = value
     config_file = args.config
     if args.resume:
-        run_dir = Path(args.resume).expanduser().resolve()
+        run_dir = input_dir(args.resume, "--resume", "folder of the run to continue")
         if not (run_dir / CHECKPOINT).is_file():
             raise ServerDeployError(f"--resume {run_dir}: no {CHECKPOINT} there; resume needs the folder of "
                                     "a run that finished at least one round")

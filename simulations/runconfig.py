@@ -16,6 +16,7 @@ from typing import Any
 
 from client import ConfigError, DataConfig, DataError, TrainConfig, load_dataset, partition_data
 from client.config import with_recommended
+from client.paths import input_dir, input_file, output_dir
 from models import build_model, check_trainable_with_dp
 from privacy import DPConfig, PrivacyError
 from server import ServerConfig
@@ -30,7 +31,7 @@ def default_run_config() -> dict[str, Any]:
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
     """A TOML file of run-config keys, flat (`num-rounds = 5`) or under [tool.flwr.app.config] (a pyproject)."""
-    path = Path(path)
+    path = input_file(path, "--config", "TOML file")
     try:
         table = tomllib.loads(path.read_text())
     except FileNotFoundError:
@@ -51,7 +52,11 @@ def resolve(config_file: str | Path | None, overrides: Mapping[str, Any]) -> dic
         for key, value in layer.items():
             default = config[key]
             config[key] = _coerce(key, value, default)
-    config["out-dir"] = str(Path(config["out-dir"]).expanduser().resolve())
+    config["out-dir"] = str(output_dir(config["out-dir"], "--out (out-dir)"))
+    if config["data-dir"]:
+        input_dir(config["data-dir"], "--data-dir (data-dir)", "folder holding the dataset's files")
+    if config["resume-from"]:
+        input_dir(config["resume-from"], "resume-from", "folder of the run to continue")
     return with_recommended(config)
 
 

@@ -14,6 +14,7 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import LocalDpMod
 
 from client.config import DataConfig, TrainConfig
+from client.devices import client_device
 from client.dpsgd import train_private
 from client.guard import load_ledger, owner_budget, plan_round, save_ledger
 from client.task import ClientData, client_seed, file_data, partition_data
@@ -67,6 +68,7 @@ def train_round(msg: Message, context: Context) -> Message:
     seed = client_seed(data_cfg.seed, server_round, data.client_id)
     model = build_model(cfg.model, data.spec)  # a fresh module every round: Opacus cannot wrap one twice
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    model.to(client_device(context.run_config, context.node_config))
     privacy = None
     if "sample" in dp.modes:
         ledger = load_ledger(context, data.client_id)
@@ -92,7 +94,7 @@ def train_round(msg: Message, context: Context) -> Message:
                             "steps": result["steps"], "num-examples": data.num_examples,
                             # user-level DP averages clients uniformly (its noise assumes an unweighted mean)
                             "unit-weight": 1})
-    content = RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": metrics, "meta": _meta(data)})
+    content = RecordDict({"arrays": ArrayRecord(model.cpu().state_dict()), "metrics": metrics, "meta": _meta(data)})
     if privacy is not None:
         content["privacy"] = privacy
     return Message(content, reply_to=msg)
@@ -116,6 +118,7 @@ def evaluate_round(msg: Message, context: Context) -> Message:
     cfg = TrainConfig.from_run_config(context.run_config)
     model = build_model(cfg.model, data.spec)
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    model.to(client_device(context.run_config, context.node_config))
     metrics = evaluate(model, data.x_val, data.y_val) if len(data.y_val) else {}
     metrics["num-examples"] = len(data.y_val)
     return Message(RecordDict({"metrics": MetricRecord(metrics), "meta": _meta(data)}), reply_to=msg)

@@ -129,6 +129,7 @@ class TrainConfig:
     local_epochs: int = GENERIC["local-epochs"]
     batch_size: int = GENERIC["batch-size"]
     proximal_mu: float = 0.0
+    device: str = "cpu"
 
     DEFAULTS: ClassVar[dict[str, Any]] = {
         "model": "cnn",
@@ -139,6 +140,7 @@ class TrainConfig:
         "local-epochs": 0,
         "batch-size": 0,
         "proximal-mu": 0.0,
+        "device": "cpu",  # auto | cpu | cuda | cuda:N: clients' training and the server's evaluation
     }
 
     def __post_init__(self) -> None:
@@ -148,6 +150,9 @@ class TrainConfig:
             raise ConfigError(f"unknown model {self.model!r}; choose one of: {', '.join(model_names())}")
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"unknown optimizer {self.optimizer!r}; choose one of: {', '.join(OPTIMIZERS)}")
+        from client.devices import check_device_name
+
+        check_device_name(self.device)
         if self.momentum >= 1.0:
             raise ConfigError(f"momentum = {self.momentum} is out of range; it must be in [0, 1)")
 
@@ -164,4 +169,5 @@ class TrainConfig:
             local_epochs=_positive("local-epochs", _get(rc, d, "local-epochs"), kind=int),
             batch_size=_positive("batch-size", _get(rc, d, "batch-size"), kind=int),
             proximal_mu=_positive("proximal-mu", _get(rc, d, "proximal-mu"), allow_zero=True),
+            device=str(_get(rc, d, "device")).strip().lower(),
         )

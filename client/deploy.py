@@ -33,6 +33,7 @@ from cryptography.hazmat.primitives.serialization import load_ssh_private_key
 
 from client.config import ConfigError, DataConfig
 from client.datasets import DATASETS
+from client.devices import resolve_device
 from client.localfile import load_local_file
 from client.paths import input_file, output_dir
 from client.processes import die_with_parent, flower_bin, flower_env, start_group, stop_group
@@ -171,9 +172,11 @@ class ClientSettings:
     retry_refused: float = 90.0
     wait_superlink: float = 30.0
     poll_interval: float = DEFAULT_POLL
+    device: str = "cpu"
 
     def __post_init__(self) -> None:
         parse_address(self.superlink)
+        resolve_device(self.device, "--device")  # this machine's hardware, checked before anything starts
         if self.insecure and (self.root_cert or self.key):
             raise ClientDeployError("--insecure with certificates or a key: choose TLS (--certs, or "
                                     "--root-cert and --key) or --insecure, not both")
@@ -199,7 +202,7 @@ class ClientSettings:
 
     def node_config(self) -> dict[str, str | float]:
         config: dict[str, str | float] = {"data-path": str(self.data), "client-id": self.client_id,
-                                          "state-dir": str(self.state_dir)}
+                                          "state-dir": str(self.state_dir), "device": self.device}
         if self.budget_epsilon is not None:
             config["budget-epsilon"] = float(self.budget_epsilon)
         if self.budget_delta is not None:
@@ -229,7 +232,7 @@ def settings_from(args: argparse.Namespace) -> ClientSettings:
                           dataset=args.dataset, port=args.port, threads=args.threads,
                           executor="flower" if args.allow_server_code else "fork",
                           retry_refused=args.retry_refused, wait_superlink=args.wait_superlink,
-                          poll_interval=args.poll_interval)
+                          poll_interval=args.poll_interval, device=args.device)
 
 
 def wait_for_superlink(host: str, port: int, root_cert: Path | None, wait: float) -> None:
@@ -586,6 +589,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     more.add_argument("--dataset", help="check before starting that the file fits this task (shape, labels)")
     more.add_argument("--port", type=int,
                       help="local port of the SuperNode's Runtime API (default: a free one)")
+    more.add_argument("--device", default="cpu", metavar="auto|cpu|cuda[:N]",
+                      help="where this client trains (default cpu; auto: the first GPU when there is one)")
     more.add_argument("--threads", type=int,
                       help="torch threads per ClientApp (several clients on one host: 1)")
     trust = p.add_argument_group("which code touches the data")

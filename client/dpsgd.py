@@ -82,8 +82,10 @@ def train_private(model: nn.Module, x: np.ndarray, y: np.ndarray, cfg: TrainConf
 
 def _epochs(wrapped: nn.Module, dp_optimizer, criterion, dp_loader, local_epochs: int) -> dict[str, float]:  # noqa: ANN001
     total_loss, correct, seen, steps = 0.0, 0, 0, 0
+    device = next(wrapped.parameters()).device  # the data stays on the host; each batch goes to the model
     for _ in range(local_epochs):
         for xb, yb in dp_loader:
+            xb, yb = xb.to(device), yb.to(device)
             dp_optimizer.zero_grad(set_to_none=True)
             if len(yb) == 0:
                 # Poisson sampling can draw an empty batch; it still counts as a step (noise only).

@@ -16,6 +16,7 @@ from typing import Any
 
 from client import ConfigError, DataConfig, DataError, TrainConfig, load_dataset, partition_data
 from client.config import with_recommended
+from client.devices import resolve_device
 from client.paths import input_dir, input_file, output_dir
 from models import build_model, check_trainable_with_dp
 from privacy import DPConfig, PrivacyError
@@ -88,6 +89,7 @@ def validate(run_config: Mapping[str, Any]) -> Configs:
     """Everything that can be known before training starts: values, data files, partitions, model fit."""
     configs = Configs(DataConfig.from_run_config(run_config), TrainConfig.from_run_config(run_config),
                       ServerConfig.from_run_config(run_config), DPConfig.from_run_config(run_config))
+    resolve_device(configs.train.device)  # CUDA asked where there is none: an error now, not mid-run
     dataset = load_dataset(configs.data.dataset, configs.data.data_dir or None)
     if configs.data.num_clients > len(dataset.y_train):
         raise DataError(f"num-clients = {configs.data.num_clients} is more than the {len(dataset.y_train)} training "

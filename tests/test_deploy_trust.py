@@ -29,7 +29,7 @@ IGNORE_BUDGET = "        if False:  # budget ignored"
 
 
 def _modified_copy(where: Path) -> Path:
-    for name in APP_PACKAGES:
+    for name in (*APP_PACKAGES, "simulations"):  # the server's commands, too
         shutil.copytree(ROOT / name, where / name, ignore=shutil.ignore_patterns("__pycache__"))
     app = where / "client" / "app.py"
     source = app.read_text()

@@ -28,6 +28,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import statistics
@@ -131,12 +132,30 @@ def measure(variant: str, files: list[Path], certs: Path, rounds: int, work: Pat
         run_deployed(files, certs, rounds, out_dir, variant, work, dataset, model)
     wall = time.perf_counter() - started
     records = json.loads((out_dir / "metrics.json").read_text())["rounds"]
+    tasks = task_times(work, variant)
     seconds = [r["seconds"] for r in records if r["round"] >= 1]
     return {"clients": len(files), "variant": variant, "round_seconds": [round(s, 2) for s in seconds],
             "round1_seconds": round(seconds[0], 2),
             "steady_round_seconds": round(statistics.median(seconds[1:]), 2) if len(seconds) > 1 else None,
             "wall_seconds": round(wall, 1), "accuracy": round(records[-1]["server"]["accuracy"], 4),
-            "trained": [len(r["train"]) for r in records if r["round"] >= 1]}
+            "trained": [len(r["train"]) for r in records if r["round"] >= 1], **tasks}
+
+
+def task_times(work: Path, variant: str) -> dict:
+    """Medians over every message the trusted executor ran (its TIMING lines): the forked task from start
+    to exit, pulling its inputs (message, context, bundle), checking the bundle, the ClientApp itself, and
+    pushing the reply and the final status."""
+    parts: dict[str, list[float]] = {}
+    for log in work.glob(f"state-{variant}-*/executor.log"):
+        for m in re.finditer(r"TIMING task ([\d.]+) s: pull ([\d.]+), check ([\d.]+), app ([\d.]+), "
+                             r"reply ([\d.]+)", log.read_text(errors="replace")):
+            for name, value in zip(("task", "pull", "check", "app", "reply"), m.groups(), strict=True):
+                parts.setdefault(name, []).append(float(value))
+    if not parts:
+        return {}
+    out = {f"median_{k}_seconds": round(statistics.median(v), 3) for k, v in parts.items()}
+    out["tasks"] = len(parts["task"])
+    return out
 
 
 def main() -> None:

@@ -503,6 +503,7 @@ def serve_forked_tasks(runtime_api_address: str, warm_dataset: str | None = None
             time.sleep(1.0)
             continue
         if res.HasField("task") and res.token:
+            started = time.monotonic()
             pid = os.fork()
             if pid == 0:  # the child: one task, then exit without running the parent's cleanup
                 code = 1
@@ -512,13 +513,19 @@ def serve_forked_tasks(runtime_api_address: str, warm_dataset: str | None = None
                     die_with_parent()
                     if os.getppid() != parent:
                         os._exit(1)
-                    trust_only(trusted)
+                    times = trust_only(trusted)
                     run_clientapp(runtime_api_address=runtime_api_address, token=res.token, insecure=True,
                                   certificates=None, parent_pid=parent, runtime_dependency_install=False)
                     code = 0
                 except SystemExit as exc:
                     code = exc.code if isinstance(exc.code, int) else 0
                 finally:
+                    # Where a task's time goes (benchmarks/deploy_rounds.py reads these lines).
+                    with contextlib.suppress(Exception):
+                        end = time.monotonic()
+                        print(f"TIMING task {end - started:.3f} s: pull {times['pulled'] - started:.3f}, "
+                              f"check {times['checked'] - times['pulled']:.3f}, app {times['app']:.3f}, "
+                              f"reply {end - times['app_end']:.3f}", flush=True)
                     sys.stdout.flush()
                     sys.stderr.flush()
                     os._exit(code)
@@ -530,7 +537,7 @@ def serve_forked_tasks(runtime_api_address: str, warm_dataset: str | None = None
         time.sleep(poll)
 
 
-def trust_only(trusted: TrustedApp) -> None:
+def trust_only(trusted: TrustedApp) -> dict[str, float]:
     """In a forked task child, before Flower's run_clientapp: it still pulls the message, the context and the
     run's bundle and pushes the reply, but it neither installs the bundle nor imports code from it. The bundle
     is checked against this machine's fedpriv (client.trust): when it matches, this process's own ClientApp
@@ -547,9 +554,20 @@ def trust_only(trusted: TrustedApp) -> None:
             raise RuntimeError(f"flwr.supernode.runtime.run_clientapp.{name} is gone: this Flower is not the "
                                "one fedpriv's trusted executor was written for (1.41); not running the task")
     verdict: list[str | None] = []
+    times: dict[str, float] = {}
 
     def check_only(fab: bytes, *args: object, **kwargs: object) -> None:
+        times["pulled"] = time.monotonic()
         verdict.append(check_bundle(fab, trusted))
+        times["checked"] = time.monotonic()
+
+    def timed_app(message: Message, context: Context) -> Message:
+        start = time.monotonic()
+        try:
+            return installed_app(message, context)
+        finally:
+            times["app_end"] = time.monotonic()
+            times["app"] = times["app_end"] - start
 
     def refusing_app(message: Message, context: Context) -> Message:
         client_id = str(context.node_config.get("client-id", context.node_id))
@@ -560,10 +578,11 @@ def trust_only(trusted: TrustedApp) -> None:
         return Message(RecordDict({"meta": meta}), reply_to=message)
 
     def load(**kwargs: object):  # noqa: ANN202 - Flower's loader factory
-        return lambda *ids: installed_app if verdict and verdict[0] is None else refusing_app
+        return lambda *ids: timed_app if verdict and verdict[0] is None else refusing_app
 
     task.install_from_fab = check_only
     task.get_load_client_app_fn = load
+    return times
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -17,8 +17,12 @@ from flwr.serverapp import ServerApp
 
 from client import ConfigError
 
-# Where `ray start` leaves the address of the cluster it started on this machine (what address="auto" reads).
-RAY_CURRENT_CLUSTER = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
+
+def ray_current_cluster() -> Path:
+    """Where `ray start` leaves the address of the cluster it started on this machine (what "auto" reads):
+    Ray's temp folder, $RAY_TMPDIR or $TMPDIR or /tmp, then ray/."""
+    root = os.environ.get("RAY_TMPDIR") or os.environ.get("TMPDIR") or "/tmp"
+    return Path(root) / "ray" / "ray_current_cluster"
 
 
 @dataclass(frozen=True)
@@ -44,8 +48,8 @@ def check_ray_address(address: str, timeout: float = 3.0) -> str:
     given = address
     if address == "auto":
         address = os.environ.get("RAY_ADDRESS", "")
-        if not address and RAY_CURRENT_CLUSTER.is_file():
-            address = RAY_CURRENT_CLUSTER.read_text().strip()
+        if not address and ray_current_cluster().is_file():
+            address = ray_current_cluster().read_text().strip()
         if not address:
             raise ConfigError("--ray-address auto: no Ray cluster was started on this machine; start one "
                               "(`ray start --head --port 6379`) or give the head's HOST:PORT")

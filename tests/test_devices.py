@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import tomllib
 from pathlib import Path
@@ -75,16 +77,21 @@ def test_ray_flags_fail_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixtur
     port = _closed_port()
     assert main([*base, "--ray-address", f"127.0.0.1:{port}"]) == 2
     assert f"--ray-address 127.0.0.1:{port}: nothing answers" in capsys.readouterr().err
-    import simulations.ray_engine as ray_engine
-
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    monkeypatch.setattr(ray_engine, "RAY_CURRENT_CLUSTER", tmp_path / "none")
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))  # no ray/ray_current_cluster there
     assert main([*base, "--ray-address", "auto"]) == 2
     assert "--ray-address auto: no Ray cluster was started on this machine" in capsys.readouterr().err
     assert main([*base, "--gpus-per-client", "0.5"]) == 2
     assert "add --device cuda" in capsys.readouterr().err
     assert main(["simulate", "--dataset", "digits", "--ray-address", "auto"]) == 2
     assert "add --engine ray" in capsys.readouterr().err
+
+
+DEFAULT_ADDRESS_FILE = Path("/tmp/ray/ray_current_cluster")
+
+
+def _read(path: Path) -> str | None:
+    return path.read_text() if path.is_file() else None
 
 
 def _ray_processes(marker: str) -> list[int]:
@@ -106,7 +113,12 @@ def _ray_processes(marker: str) -> list[int]:
 def test_a_simulation_on_a_two_node_ray_cluster(tmp_path: Path) -> None:
     ray = Path(sys.executable).parent / "ray"
     marker = f"fedpriv-ray-test-{tmp_path.name}-{os.getpid()}"
-    env = {**os.environ, "FEDPRIV_TEST_MARK": marker, "RAY_USAGE_STATS_ENABLED": "0",
+    # A Ray temp folder of the test's own (short: Ray's socket paths have a length limit): `ray start` writes
+    # the cluster's address into TMP/ray/ray_current_cluster, and a plain ray.init() anywhere on the machine
+    # would try to join the (soon dead) cluster named in the default /tmp/ray one.
+    ray_tmp = Path(tempfile.mkdtemp(prefix="fpray-", dir="/tmp"))
+    before = _read(DEFAULT_ADDRESS_FILE)
+    env = {**os.environ, "FEDPRIV_TEST_MARK": marker, "RAY_USAGE_STATS_ENABLED": "0", "RAY_TMPDIR": str(ray_tmp),
            "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     port = _closed_port()
     address = f"127.0.0.1:{port}"
@@ -134,4 +146,7 @@ def test_a_simulation_on_a_two_node_ray_cluster(tmp_path: Path) -> None:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, sig)
             time.sleep(2.0)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
     assert _ray_processes(marker) == []
+    # The machine's own Ray address file is as it was: other Ray users are not pointed at a dead cluster.
+    assert _read(DEFAULT_ADDRESS_FILE) == before

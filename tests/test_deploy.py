@@ -143,7 +143,7 @@ def test_deployment_with_tls_auth_dp_a_crashed_client_and_a_resumed_server(tmp_p
     logs.mkdir()
     address = f"127.0.0.1:{_free_port()}"
     procs = Processes(logs)
-    server_args = ["server", "--certs", str(certs.root), "--address", address, "--round-timeout", "12",
+    server_args = ["server", "--certs", str(certs.root), "--address", address, "--round-timeout", "30",
                    "--start-clients", "3", "--start-timeout", "120"]
 
     def client(i: int) -> subprocess.Popen:
@@ -194,7 +194,7 @@ def test_deployment_with_tls_auth_dp_a_crashed_client_and_a_resumed_server(tmp_p
         procs.kill(server)
         assert len(_rounds(run_dir)) == 3  # rounds 0, 1, 2
         resumed = procs.fedpriv("resumed", *server_args, "--resume", str(run_dir))
-        assert resumed.wait(timeout=180) == 0, procs.output("resumed")[-3000:]
+        assert resumed.wait(timeout=400) == 0, procs.output("resumed")[-3000:]
         assert "round 3/3" in procs.output("resumed")
 
         rounds = _rounds(run_dir)

@@ -9,11 +9,12 @@ The workload is the CNN on Fashion-MNIST, each client training on its own file o
 Variants:
 
 - inprocess: the in-process engine, clients one after another in this process, fed the same files.
-- flower: `fedpriv server` (a SuperLink with TLS and SuperNode authentication) and one `fedpriv client` per
-  file (a SuperNode each), Flower's default isolation: a fresh ClientApp process for every message.
-- fork: the same deployment with `fedpriv client --executor fork`: each message runs in a child forked from
-  a process that has imported torch, Flower and the ClientApp (and loaded the dataset) once.
-- fork-poll: fork, and `--poll-interval 0.5`: the SuperNode asks for messages every 0.5 s, not every 3 s.
+- default: `fedpriv server` (a SuperLink with TLS and SuperNode authentication) and one plain `fedpriv client`
+  per file (a SuperNode each): the trusted executor (each message in a child forked from a process that has
+  imported torch, Flower and the installed ClientApp, and loaded the dataset, once) and 0.2 s polling.
+- poll3: the default with Flower's own 3 s polling (`--poll-interval 3`).
+- flower: `--allow-server-code --poll-interval 3`: Flower's own executor and polling, a fresh ClientApp
+  process for every message (what a Flower SuperNode does out of the box).
 
 The figure compared is the round loop's own `seconds` per round from metrics.json (sampling, messages,
 client training and evaluation, aggregation, the server's test-set evaluation, records), the same clock for
@@ -27,6 +28,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import statistics
@@ -37,18 +39,20 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-VARIANTS = ("inprocess", "flower", "fork", "fork-poll")
+VARIANTS = ("inprocess", "default", "poll3", "flower")
 # fedpriv client flags per deployed variant
-CLIENT_FLAGS = {"flower": ["--executor", "flower"], "fork": ["--executor", "fork"],
-                "fork-poll": ["--executor", "fork", "--poll-interval", "0.5"]}
+CLIENT_FLAGS = {"default": [], "poll3": ["--poll-interval", "3"],
+                "flower": ["--allow-server-code", "--poll-interval", "3"]}
 
 
 def run_config(rounds: int, clients: int, out_dir: Path, dataset: str = "fashion-mnist",
                model: str = "cnn") -> dict:
     from simulations.runconfig import resolve
 
+    # One local epoch at batch 64 (the settings of the earlier figures), not the dataset's recommendation.
     return resolve(None, {"dataset": dataset, "model": model, "num-rounds": rounds, "num-clients": clients,
-                          "min-clients": clients, "out-dir": str(out_dir)})
+                          "min-clients": clients, "out-dir": str(out_dir), "local-epochs": 1, "batch-size": 64,
+                          "learning-rate": 0.05})
 
 
 def run_inprocess(files: list[Path], rounds: int, out_dir: Path, dataset: str, model: str) -> None:
@@ -90,7 +94,8 @@ def run_deployed(files: list[Path], certs: Path, rounds: int, out_dir: Path, exe
     try:
         server = _fedpriv(["server", "--certs", str(certs), "--address", address,
                            "--dataset", dataset, "--model", model, "--rounds", str(rounds),
-                           "--num-clients", str(len(files)),
+                           "--num-clients", str(len(files)), "--local-epochs", "1", "--batch-size", "64",
+                           "--lr", "0.05",
                            "--min-clients", str(len(files)), "--round-timeout", "900", "--out", str(out_dir)],
                           work / f"server-{executor}.out", env)
         procs.append(server)
@@ -127,12 +132,30 @@ def measure(variant: str, files: list[Path], certs: Path, rounds: int, work: Pat
         run_deployed(files, certs, rounds, out_dir, variant, work, dataset, model)
     wall = time.perf_counter() - started
     records = json.loads((out_dir / "metrics.json").read_text())["rounds"]
+    tasks = task_times(work, variant)
     seconds = [r["seconds"] for r in records if r["round"] >= 1]
     return {"clients": len(files), "variant": variant, "round_seconds": [round(s, 2) for s in seconds],
             "round1_seconds": round(seconds[0], 2),
-            "steady_round_seconds": round(statistics.mean(seconds[1:]), 2) if len(seconds) > 1 else None,
+            "steady_round_seconds": round(statistics.median(seconds[1:]), 2) if len(seconds) > 1 else None,
             "wall_seconds": round(wall, 1), "accuracy": round(records[-1]["server"]["accuracy"], 4),
-            "trained": [len(r["train"]) for r in records if r["round"] >= 1]}
+            "trained": [len(r["train"]) for r in records if r["round"] >= 1], **tasks}
+
+
+def task_times(work: Path, variant: str) -> dict:
+    """Medians over every message the trusted executor ran (its TIMING lines): the forked task from start
+    to exit, pulling its inputs (message, context, bundle), checking the bundle, the ClientApp itself, and
+    pushing the reply and the final status."""
+    parts: dict[str, list[float]] = {}
+    for log in work.glob(f"state-{variant}-*/executor.log"):
+        for m in re.finditer(r"TIMING task ([\d.]+) s: pull ([\d.]+), check ([\d.]+), app ([\d.]+), "
+                             r"reply ([\d.]+)", log.read_text(errors="replace")):
+            for name, value in zip(("task", "pull", "check", "app", "reply"), m.groups(), strict=True):
+                parts.setdefault(name, []).append(float(value))
+    if not parts:
+        return {}
+    out = {f"median_{k}_seconds": round(statistics.median(v), 3) for k, v in parts.items()}
+    out["tasks"] = len(parts["task"])
+    return out
 
 
 def main() -> None:
@@ -144,6 +167,7 @@ def main() -> None:
     parser.add_argument("--dataset", default="fashion-mnist")
     parser.add_argument("--model", default="cnn")
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    parser.add_argument("--repeat", type=int, default=1, help="run the variants this many times, interleaved")
     parser.add_argument("--out", default="benchmarks/results/deploy_rounds.json")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--files", nargs="*", help=argparse.SUPPRESS)
@@ -165,14 +189,17 @@ def main() -> None:
             data = split_dataset(args.dataset, n, "iid", work / f"data-{n}", seed=42,
                                  max_examples=args.examples)
             certs = create_certs(work / f"certs-{n}", ["localhost", "127.0.0.1"], clients=n)
-            for variant in args.variants:
-                row = measure(variant, [f.path for f in data], certs.root, args.rounds, work / f"n{n}",
-                              args.dataset, args.model)
-                row["load_average"] = round(os.getloadavg()[0], 2)
-                rows.append(row)
-                print(json.dumps(row), flush=True)
+            for rep in range(args.repeat):
+                for variant in args.variants:
+                    row = measure(variant, [f.path for f in data], certs.root, args.rounds,
+                                  work / f"n{n}-{rep}", args.dataset, args.model)
+                    row["repeat"] = rep
+                    row["load_average"] = round(os.getloadavg()[0], 2)
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
     for row in rows:
-        base = next((r for r in rows if r["clients"] == row["clients"] and r["variant"] == "inprocess"), None)
+        base = next((r for r in rows if r["clients"] == row["clients"] and r["variant"] == "inprocess"
+                     and r["repeat"] == row["repeat"]), None)
         if base and row["steady_round_seconds"] and base["steady_round_seconds"]:
             row["steady_vs_inprocess"] = round(row["steady_round_seconds"] / base["steady_round_seconds"], 2)
             row["round1_vs_inprocess"] = round(row["round1_seconds"] / base["round1_seconds"], 2)

@@ -14,6 +14,7 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import LocalDpMod
 
 from client.config import DataConfig, TrainConfig
+from client.devices import client_device
 from client.guard import load_ledger, owner_budget, plan_round, save_ledger
 from client.reuse import load_global, reusable_model, reusable_optimizer
 from client.secagg import register as register_secagg
@@ -67,9 +68,11 @@ def train_round(msg: Message, context: Context) -> Message:
 
     dp = DPConfig.from_run_config(context.run_config)
     seed = client_seed(data_cfg.seed, server_round, data.client_id)
+    device = client_device(context.run_config, context.node_config)
     privacy = None
     if "sample" in dp.modes:
-        model = load_global(build_model(cfg.model, data.spec), msg.content["arrays"])  # Opacus: a fresh module
+        # Opacus: a fresh module (it cannot wrap one twice)
+        model = load_global(build_model(cfg.model, data.spec), msg.content["arrays"]).to(device)
         ledger = load_ledger(context, data.client_id)
         budget = owner_budget(dp, context)
         # The client calibrates for every round the run may sample it for; its guard refuses any beyond.
@@ -93,13 +96,13 @@ def train_round(msg: Message, context: Context) -> Message:
         privacy["grad-sample-mode"] = str(result["grad-sample-mode"])  # bk, or the Opacus mode it fell back to
     else:
         # The process's own module and optimizer, weights loaded in place, state cleared (client/reuse.py).
-        model = load_global(reusable_model(cfg.model, data.spec), msg.content["arrays"])
+        model = load_global(reusable_model(cfg.model, data.spec), msg.content["arrays"]).to(device)
         result = train(model, data.x_train, data.y_train, cfg, seed=seed, optimizer=reusable_optimizer(model, cfg))
     metrics = MetricRecord({"train_loss": result["loss"], "train_accuracy": result["accuracy"],
                             "steps": result["steps"], "num-examples": data.num_examples,
                             # user-level DP averages clients uniformly (its noise assumes an unweighted mean)
                             "unit-weight": 1})
-    content = RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": metrics, "meta": _meta(data)})
+    content = RecordDict({"arrays": ArrayRecord(model.cpu().state_dict()), "metrics": metrics, "meta": _meta(data)})
     if privacy is not None:
         content["privacy"] = privacy
     return Message(content, reply_to=msg)
@@ -134,7 +137,7 @@ def evaluate_round(msg: Message, context: Context) -> Message:
     metrics = {}
     if len(data.y_val):
         model = load_global(reusable_model(cfg.model, data.spec), msg.content["arrays"])
-        metrics = evaluate(model, data.x_val, data.y_val)
+        metrics = evaluate(model.to(client_device(context.run_config, context.node_config)), data.x_val, data.y_val)
     metrics["num-examples"] = len(data.y_val)
     return Message(RecordDict({"metrics": MetricRecord(metrics), "meta": _meta(data)}), reply_to=msg)
 

@@ -33,11 +33,16 @@ from cryptography.hazmat.primitives.serialization import load_ssh_private_key
 
 from client.config import ConfigError, DataConfig
 from client.datasets import DATASETS
+from client.devices import resolve_device
 from client.localfile import load_local_file
+from client.paths import input_file, output_dir
 from client.processes import die_with_parent, flower_bin, flower_env, start_group, stop_group
 from client.task import file_data
+from client.trust import TrustedApp, check_bundle, refusal_line
 
-EXECUTORS = ("flower", "fork")
+# fork: fedpriv's trusted executor (this machine's ClientApp, forked per message; the default);
+# flower: Flower's own (a fresh process per message running the ClientApp the server's bundle ships).
+EXECUTORS = ("fork", "flower")
 NODE_CONFIG = "node-config.toml"
 SUPERNODE_LOG = "supernode.log"
 EXECUTOR_LOG = "executor.log"
@@ -47,6 +52,8 @@ EXIT_ACTIVATION_FAILED = 305
 REFUSED_PAUSE = 5.0
 # How often an idle SuperNode asks the SuperLink for messages: Flower 1.41 sleeps 3 s after an empty pull.
 FLOWER_POLL = 3.0
+# fedpriv's default: a message waits at most this long to be picked up (two messages a round, each way).
+DEFAULT_POLL = 0.2
 RECONNECT_WAIT = 10.0
 LOST_SUPERLINK = "Giving up reconnection"  # what a SuperNode logs when RECONNECT_WAIT has passed
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -161,13 +168,15 @@ class ClientSettings:
     dataset: str | None = None
     port: int | None = None
     threads: int | None = None
-    executor: str = "flower"
+    executor: str = "fork"
     retry_refused: float = 90.0
     wait_superlink: float = 30.0
-    poll_interval: float = FLOWER_POLL
+    poll_interval: float = DEFAULT_POLL
+    device: str = "cpu"
 
     def __post_init__(self) -> None:
         parse_address(self.superlink)
+        resolve_device(self.device, "--device")  # this machine's hardware, checked before anything starts
         if self.insecure and (self.root_cert or self.key):
             raise ClientDeployError("--insecure with certificates or a key: choose TLS (--certs, or "
                                     "--root-cert and --key) or --insecure, not both")
@@ -193,7 +202,7 @@ class ClientSettings:
 
     def node_config(self) -> dict[str, str | float]:
         config: dict[str, str | float] = {"data-path": str(self.data), "client-id": self.client_id,
-                                          "state-dir": str(self.state_dir)}
+                                          "state-dir": str(self.state_dir), "device": self.device}
         if self.budget_epsilon is not None:
             config["budget-epsilon"] = float(self.budget_epsilon)
         if self.budget_delta is not None:
@@ -202,7 +211,7 @@ class ClientSettings:
 
 
 def settings_from(args: argparse.Namespace) -> ClientSettings:
-    data = Path(args.data).expanduser().resolve()
+    data = input_file(args.data, "--data", "owner's .npz or .csv file")
     client_id = args.client_id or data.stem
     root_cert = Path(args.root_cert).expanduser().resolve() if args.root_cert else None
     key = Path(args.key).expanduser().resolve() if args.key else None
@@ -216,13 +225,14 @@ def settings_from(args: argparse.Namespace) -> ClientSettings:
             if not key.is_file():
                 raise ClientDeployError(f"no key for client {client_id!r} in {certs / 'client-keys'}; pass "
                                         "--key FILE, or --client-id naming one of the keys there")
-    state_dir = Path(args.state_dir).expanduser().resolve()
+    state_dir = output_dir(args.state_dir, "--state-dir")
     return ClientSettings(superlink=args.superlink, data=data, state_dir=state_dir, client_id=client_id,
                           root_cert=root_cert, key=key, insecure=args.insecure,
                           budget_epsilon=args.budget_epsilon, budget_delta=args.budget_delta,
-                          dataset=args.dataset, port=args.port, threads=args.threads, executor=args.executor,
+                          dataset=args.dataset, port=args.port, threads=args.threads,
+                          executor="flower" if args.allow_server_code else "fork",
                           retry_refused=args.retry_refused, wait_superlink=args.wait_superlink,
-                          poll_interval=args.poll_interval)
+                          poll_interval=args.poll_interval, device=args.device)
 
 
 def wait_for_superlink(host: str, port: int, root_cert: Path | None, wait: float) -> None:
@@ -328,6 +338,8 @@ def _explain(line: str, run: list[str]) -> str | None:
 
 
 def _error(line: str) -> str | None:
+    if line.startswith("REFUSED "):
+        return line.strip()
     if "ERROR" in line or "Exit Code" in line or EXCEPTION_LINE.match(line):
         return line.strip()
     return None
@@ -357,6 +369,7 @@ def _run_once(settings: ClientSettings, node_config: Path, port: int, env: dict[
     # gone, and they outlive the SuperNode by a while; the SuperNode's exit is what ends this loop.
     threading.Thread(target=_pump, args=(proc.stdout, lines), daemon=True).start()
     refused, lost, run = False, False, ["?"]
+    said_before: set[str] = set()  # a refused run answers every message alike: say it once
     tasks_log = settings.state_dir / EXECUTOR_LOG
     offset = tasks_log.stat().st_size if tasks_log.exists() else 0
     try:
@@ -365,6 +378,9 @@ def _run_once(settings: ClientSettings, node_config: Path, port: int, env: dict[
                 if echo and settings.executor == "fork":
                     new, offset = _read_new(tasks_log, offset)
                     for said in filter(None, map(_error, new)):
+                        if said.startswith("REFUSED ") and said in said_before:
+                            continue
+                        said_before.add(said)
                         print(f"{settings.client_id}: {said}", flush=True)
                 try:
                     line = lines.get(timeout=0.5)
@@ -468,6 +484,8 @@ def serve_forked_tasks(runtime_api_address: str, warm_dataset: str | None = None
     import client.app  # noqa: F401  (imported for its side effect: everything a task needs, once)
     import client.dpsgd  # noqa: F401  (Opacus: client.app imports it lazily, at a DP round; every child inherits it)
 
+    trusted = TrustedApp.installed()  # hashed once, from the code this process has imported
+
     if warm_dataset:
         from client.datasets import load_dataset
 
@@ -486,6 +504,7 @@ def serve_forked_tasks(runtime_api_address: str, warm_dataset: str | None = None
             time.sleep(1.0)
             continue
         if res.HasField("task") and res.token:
+            started = time.monotonic()
             pid = os.fork()
             if pid == 0:  # the child: one task, then exit without running the parent's cleanup
                 code = 1
@@ -495,12 +514,19 @@ def serve_forked_tasks(runtime_api_address: str, warm_dataset: str | None = None
                     die_with_parent()
                     if os.getppid() != parent:
                         os._exit(1)
+                    times = trust_only(trusted)
                     run_clientapp(runtime_api_address=runtime_api_address, token=res.token, insecure=True,
                                   certificates=None, parent_pid=parent, runtime_dependency_install=False)
                     code = 0
                 except SystemExit as exc:
                     code = exc.code if isinstance(exc.code, int) else 0
                 finally:
+                    # Where a task's time goes (benchmarks/deploy_rounds.py reads these lines).
+                    with contextlib.suppress(Exception):
+                        end = time.monotonic()
+                        print(f"TIMING task {end - started:.3f} s: pull {times['pulled'] - started:.3f}, "
+                              f"check {times['checked'] - times['pulled']:.3f}, app {times['app']:.3f}, "
+                              f"reply {end - times['app_end']:.3f}", flush=True)
                     sys.stdout.flush()
                     sys.stderr.flush()
                     os._exit(code)
@@ -510,6 +536,54 @@ def serve_forked_tasks(runtime_api_address: str, warm_dataset: str | None = None
                 if os.waitpid(pid, os.WNOHANG)[0]:
                     children.discard(pid)
         time.sleep(poll)
+
+
+def trust_only(trusted: TrustedApp) -> dict[str, float]:
+    """In a forked task child, before Flower's run_clientapp: it still pulls the message, the context and the
+    run's bundle and pushes the reply, but it neither installs the bundle nor imports code from it. The bundle
+    is checked against this machine's fedpriv (client.trust): when it matches, this process's own ClientApp
+    (imported before the fork) answers; when not, every message gets a reply that names the client and says
+    why it refused, and one line goes to the executor's log. The two names are module globals of Flower
+    1.41's run_clientapp (pinned); should they move, this raises rather than run the bundle's code."""
+    import flwr.supernode.runtime.run_clientapp as task
+    from flwr.app import ConfigRecord, Context, Message, RecordDict
+
+    from client.app import app as installed_app
+
+    for name in ("install_from_fab", "get_load_client_app_fn"):
+        if not hasattr(task, name):
+            raise RuntimeError(f"flwr.supernode.runtime.run_clientapp.{name} is gone: this Flower is not the "
+                               "one fedpriv's trusted executor was written for (1.41); not running the task")
+    verdict: list[str | None] = []
+    times: dict[str, float] = {}
+
+    def check_only(fab: bytes, *args: object, **kwargs: object) -> None:
+        times["pulled"] = time.monotonic()
+        verdict.append(check_bundle(fab, trusted))
+        times["checked"] = time.monotonic()
+
+    def timed_app(message: Message, context: Context) -> Message:
+        start = time.monotonic()
+        try:
+            return installed_app(message, context)
+        finally:
+            times["app_end"] = time.monotonic()
+            times["app"] = times["app_end"] - start
+
+    def refusing_app(message: Message, context: Context) -> Message:
+        client_id = str(context.node_config.get("client-id", context.node_id))
+        reason = str(verdict[0])
+        line = refusal_line(client_id, context.run_id, reason, trusted)
+        print(line, flush=True)
+        meta = ConfigRecord({"client-id": client_id, "refused": f"untrusted app: {reason}"})
+        return Message(RecordDict({"meta": meta}), reply_to=message)
+
+    def load(**kwargs: object):  # noqa: ANN202 - Flower's loader factory
+        return lambda *ids: timed_app if verdict and verdict[0] is None else refusing_app
+
+    task.install_from_fab = check_only
+    task.get_load_client_app_fn = load
+    return times
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -535,15 +609,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     more.add_argument("--dataset", help="check before starting that the file fits this task (shape, labels)")
     more.add_argument("--port", type=int,
                       help="local port of the SuperNode's Runtime API (default: a free one)")
+    more.add_argument("--device", default="cpu", metavar="auto|cpu|cuda[:N]",
+                      help="where this client trains (default cpu; auto: the first GPU when there is one)")
     more.add_argument("--threads", type=int,
                       help="torch threads per ClientApp (several clients on one host: 1)")
-    more.add_argument("--executor", choices=EXECUTORS, default="flower",
-                      help="flower: a fresh ClientApp process per message (Flower's default); fork: forked "
-                           "from a process that has imported everything already (faster rounds)")
-    more.add_argument("--poll-interval", type=float, default=FLOWER_POLL, metavar="SECONDS",
-                      help="how often an idle SuperNode asks for messages (Flower's default "
-                           f"{FLOWER_POLL:.0f} s; 0.5 cuts a second or more off every message, for a few "
-                           "more small requests)")
+    trust = p.add_argument_group("which code touches the data")
+    trust.add_argument("--allow-server-code", action="store_true",
+                       help="run the ClientApp the SERVER ships with each run (Flower's own executor, a fresh "
+                            "process per message), instead of this machine's installed fedpriv: the server "
+                            "then decides what code reads this data and enforces its budget. Default: run "
+                            "only the installed ClientApp, and refuse runs whose app differs from it")
+    more.add_argument("--poll-interval", type=float, default=DEFAULT_POLL, metavar="SECONDS",
+                      help=f"how often an idle SuperNode asks for messages (default {DEFAULT_POLL}; Flower's "
+                           f"own is {FLOWER_POLL:.0f}: fewer small requests, up to {FLOWER_POLL:.0f} s more "
+                           "per message)")
     more.add_argument("--wait-superlink", type=float, default=30.0, metavar="SECONDS",
                       help="how long to wait for the SuperLink to listen before giving up (default 30)")
     more.add_argument("--retry-refused", type=float, default=90.0, metavar="SECONDS",
@@ -564,6 +643,12 @@ def run_client(args: argparse.Namespace) -> int:
               "updates and impersonate either side. Use it on loopback only.", file=sys.stderr)
     print(f"{settings.client_id}: data {settings.data}: {summary}")
     print(f"{settings.client_id}: state (ledger, logs) in {settings.state_dir}")
+    if settings.executor == "fork":
+        print(f"{settings.client_id}: runs only this machine's {TrustedApp.installed().describe()}; runs whose "
+              "app differs are refused")
+    else:
+        print(f"WARNING: --allow-server-code: this client runs whatever ClientApp the server ships; the server "
+              f"decides what code reads {settings.data} and whether the budget is enforced", file=sys.stderr)
     # SIGTERM ends the client as Ctrl-C does, through the finally clause that stops the SuperNode.
     signal.signal(signal.SIGTERM, _interrupt)
     try:
@@ -576,7 +661,7 @@ def run_client(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    # Started by `fedpriv client --executor fork`, not by hand.
+    # Started by `fedpriv client` (the trusted executor), not by hand.
     if len(sys.argv) in (3, 4) and sys.argv[1] == "fork-executor":
         serve_forked_tasks(sys.argv[2], sys.argv[3] if len(sys.argv) == 4 else None)
     else:

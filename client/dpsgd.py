@@ -113,8 +113,10 @@ def _add_canary_rows(dp_optimizer, rows: list[tuple[str, int, float]], names: di
 def _epochs(wrapped: nn.Module, dp_optimizer, criterion, dp_loader, local_epochs: int,  # noqa: ANN001
             canaries: Canaries | None = None, names: dict[int, str] | None = None) -> dict[str, float]:
     total_loss, correct, seen, steps = 0.0, 0, 0, 0
+    device = next(wrapped.parameters()).device  # the data stays on the host; each batch goes to the model
     for _ in range(local_epochs):
         for xb, yb in dp_loader:
+            xb, yb = xb.to(device), yb.to(device)
             dp_optimizer.zero_grad(set_to_none=True)
             rows = canaries.rows(steps) if canaries is not None else []
             if len(yb) == 0:

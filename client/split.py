@@ -88,6 +88,9 @@ def describe(files: Sequence[SplitFile]) -> list[str]:
 
 
 def run_split(args: argparse.Namespace) -> int:
+    from client.paths import output_dir
+
+    output_dir(args.out, "--out")
     files = split_dataset(args.dataset, args.num_clients, args.partition, args.out, args.seed, args.data_dir,
                           args.max_examples, overwrite=args.force)
     print(f"{len(files)} client files ({args.dataset}, partition {args.partition}, seed {args.seed}):")

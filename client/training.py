@@ -57,10 +57,11 @@ def train(
         {n: p.detach().clone() for n, p in model.named_parameters()} if cfg.proximal_mu > 0 else None
     )
     model.train()
+    device = next(model.parameters()).device  # the data stays on the host; each batch goes to the model
     total_loss, correct, seen, steps = 0.0, 0, 0, 0
     for _ in range(cfg.local_epochs):
         for idx in shuffled_batches(len(yt), cfg.batch_size, generator):
-            xb, yb = xt[idx], yt[idx]
+            xb, yb = xt[idx].to(device), yt[idx].to(device)
             optimizer.zero_grad(set_to_none=True)
             logits = model(xb)
             loss = loss_fn(logits, yb)
@@ -79,7 +80,8 @@ def train(
 def predict(model: nn.Module, x: np.ndarray, batch_size: int = 1024) -> torch.Tensor:
     model.eval()
     xt = as_tensor(x)
-    return torch.cat([model(xt[i : i + batch_size]) for i in range(0, len(xt), batch_size)])
+    device = next(model.parameters()).device
+    return torch.cat([model(xt[i : i + batch_size].to(device)).cpu() for i in range(0, len(xt), batch_size)])
 
 
 def confusion_matrix(y_true: torch.Tensor, y_pred: torch.Tensor, num_classes: int) -> torch.Tensor:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from client.config import with_recommended
 from server.federation import run_federation
 
 app = ServerApp()
@@ -12,4 +13,6 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    run_federation(grid, dict(context.run_config))
+    # A run submitted with `flwr run` may leave training keys at 0 ("recommended"): resolved here, so the
+    # records (config.toml) say what ran.
+    run_federation(grid, with_recommended(context.run_config))

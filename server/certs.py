@@ -304,6 +304,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_certs(args: argparse.Namespace) -> int:
+    from client.paths import output_dir
+
+    output_dir(args.out, "--out")
     files = create_certs(args.out, args.hosts, args.clients, args.days, overwrite=args.force)
     rel = files.root
     print(f"certificates for {', '.join(_check_hosts(args.hosts))}, valid {args.days} days, in {rel}:")

@@ -19,7 +19,6 @@ import importlib.metadata
 import importlib.util
 import json
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -37,7 +36,8 @@ from client.processes import flower_bin, flower_env, start_group, stop_group
 from server.certs import CertFiles, check_public_key, check_server_certs
 
 CONNECTION = "fedpriv"
-APP_PACKAGES = ("models", "privacy", "client", "server", "simulations")
+# What the ServerApp and the ClientApp import; the commands (simulations/) stay home.
+APP_PACKAGES = ("models", "privacy", "client", "server")
 CHECKPOINT = "checkpoint.pt"
 DEFAULT_ADDRESS = "127.0.0.1:9092"
 WILDCARD_HOSTS = ("0.0.0.0", "::", "")
@@ -208,37 +208,6 @@ def security_from(args: argparse.Namespace, host: str) -> tuple[CertFiles | None
     return files, keys
 
 
-def run_config_from(args: argparse.Namespace) -> dict[str, Any]:
-    """defaults < --config (or, resuming, the run's own config.toml) < flags; out-dir absolute."""
-    from simulations.runconfig import resolve
-    from simulations.simulate import RUN_FLAGS, overrides_from
-
-    overrides = overrides_from(args, RUN_FLAGS)
-    for key in ("min-clients", "round-timeout"):
-        value = getattr(args, key.replace("-", "_"))
-        if value is not None:
-            overrides[key] = value
-    config_file = args.config
-    if args.resume:
-        run_dir = Path(args.resume).expanduser().resolve()
-        if not (run_dir / CHECKPOINT).is_file():
-            raise ServerDeployError(f"--resume {run_dir}: no {CHECKPOINT} there; resume needs the folder of "
-                                    "a run that finished at least one round")
-        config_file = config_file or run_dir / "config.toml"
-        overrides["resume-from"] = str(run_dir)
-        overrides.setdefault("out-dir", str(run_dir))
-    elif args.out is None:
-        raise ServerDeployError("--out is required: the run folder for the records (or --resume RUN_DIR)")
-    run_config = resolve(config_file, overrides)
-    if not args.resume:
-        out = Path(run_config["out-dir"])
-        if (out / "metrics.json").exists():
-            raise ServerDeployError(f"{out} already holds a run's records; continue it with --resume {out}, "
-                                    "or choose another --out")
-        run_config["resume-from"] = ""
-    return run_config
-
-
 # ---- the server --------------------------------------------------------------------------------------------
 
 def loud_insecure_warning() -> None:
@@ -320,8 +289,13 @@ def describe_round(record: Mapping[str, Any], num_rounds: int) -> str:
     if record.get("missing"):
         parts.append(f"missing: {', '.join(record['missing'])}")
     for key in ("dropped", "refused"):
+        said = set()
         for entry in record.get(key, []):
-            parts.append(f"{key} {entry['client_id']}: {_short(entry['reason'])}")
+            # A client that refuses a run answers its train and its evaluate message alike: say it once.
+            line = f"{key} {entry['client_id']}: {_short(entry['reason'], 160 if key == 'refused' else 90)}"
+            if line not in said:
+                said.add(line)
+                parts.append(line)
     parts.append(f"{record.get('seconds', 0.0):.1f} s")
     return "  ".join(parts)
 
@@ -394,72 +368,3 @@ def serve(run_config: Mapping[str, Any], settings: ServerSettings) -> str:
         # Everything the run needs is on disk by now; the SuperLink's graceful stop waits on clients' open
         # connections, which nothing here needs.
         stop_group(superlink, grace=3.0)
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    from simulations.simulate import add_run_flags
-
-    p = subparsers.add_parser("server",
-                              help="run a deployment's server: a Flower SuperLink and the fedpriv run",
-                              description="Start a Flower SuperLink (TLS and client authentication by "
-                                          "default), wait for clients, run fedpriv on them and write the "
-                                          "records into --out.")
-    add_run_flags(p)
-    d = p.add_argument_group("deployment")
-    d.add_argument("--address", default=DEFAULT_ADDRESS, metavar="HOST:PORT",
-                   help=f"where the SuperLink listens (default {DEFAULT_ADDRESS}; "
-                        "0.0.0.0:PORT serves other machines)")
-    d.add_argument("--certs",
-                   help="a `fedpriv certs` folder: ca.crt, server.crt, server.key, client-keys/*.pub")
-    d.add_argument("--insecure", action="store_true",
-                   help="no TLS, no authentication: loopback experiments only")
-    d.add_argument("--min-clients", type=int,
-                   help="replies a round needs to count (the run config's min-clients)")
-    d.add_argument("--round-timeout", type=float, help="seconds a round waits for its clients' replies")
-    d.add_argument("--start-clients", type=int, metavar="N",
-                   help="clients that must be connected before the run starts (default: --min-clients)")
-    d.add_argument("--start-timeout", type=float, default=600.0, metavar="SECONDS",
-                   help="how long to wait for them (default 600)")
-    d.add_argument("--resume", metavar="RUN_DIR", help="continue that run from its last finished round")
-    p.set_defaults(func=run_server)
-
-
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
-
-
-def run_server(args: argparse.Namespace) -> int:
-    from simulations.runconfig import validate
-
-    host, port = parse_address(args.address)
-    certs, keys = security_from(args, host)
-    run_config = run_config_from(args)
-    validate(run_config)
-    if certs is None:
-        loud_insecure_warning()
-    check_port_free(host, port)
-    start_clients = args.start_clients or int(run_config["min-clients"])
-    if start_clients < int(run_config["min-clients"]):
-        raise ServerDeployError(f"--start-clients {start_clients} is below min-clients "
-                                f"{run_config['min-clients']}; the first round could not count; start with "
-                                "at least --min-clients clients")
-    settings = ServerSettings(host, port, certs, keys, Path(run_config["out-dir"]), start_clients,
-                              args.start_timeout)
-    settings.run_dir.mkdir(parents=True, exist_ok=True)
-    signal.signal(signal.SIGTERM, _interrupt)  # a stop request ends like Ctrl-C: the SuperLink is stopped too
-    try:
-        status = serve(run_config, settings)
-    except KeyboardInterrupt:
-        print("server stopped; every finished round is kept. Continue with: fedpriv server --resume "
-              f"{settings.run_dir} {'--certs ' + str(certs.root) if certs else '--insecure'} --address "
-              f"{args.address}",
-              file=sys.stderr)
-        return 130
-    if status != "finished:completed":
-        raise ServerDeployError(f"run ended {status}: {last_error(settings.deploy_dir / 'serverapp.log')}; "
-                                f"full log {settings.deploy_dir / 'serverapp.log'}")
-    reports = ", privacy.json, report.md, report.html" if (settings.run_dir / "privacy.json").exists() else ""
-    print(f"run finished; records in {settings.run_dir} (config.toml, metrics.json, metrics.csv, model.pt"
-          f"{reports})")
-    return 0
-

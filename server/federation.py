@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from client import DataConfig, TrainConfig, evaluate, load_dataset
+from client.devices import resolve_device
 from models import build_model
 from privacy import DPConfig, PrivacyLedger
 from privacy.files import write_atomic
@@ -70,12 +71,16 @@ def run_federation(grid: Grid, run_config: Mapping[str, Any], *, progress: bool 
 
     dataset = load_dataset(data_cfg.dataset, data_cfg.data_dir or None)
     model = build_model(train_cfg.model, dataset.spec, seed=server_cfg.seed)
+    device = resolve_device(train_cfg.device)
     records = RunRecords(out_dir, run_config, keep_existing=bool(resume_from))
     tracker = PrivacyTracker(out_dir, dp, data_cfg.num_clients, server_cfg.fraction_train) if dp.modes else None
 
     def evaluate_global(server_round: int, arrays: ArrayRecord) -> dict[str, float]:
         model.load_state_dict(arrays.to_torch_state_dict())
-        return evaluate(model, dataset.x_test, dataset.y_test)
+        try:  # on the run's device, and back: model.pt and the first round's arrays stay host tensors
+            return evaluate(model.to(device), dataset.x_test, dataset.y_test)
+        finally:
+            model.cpu()
 
     aggregate = None
     # An audit run (fedpriv audit) scores canaries; None otherwise.

@@ -24,8 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
     from privacy import register as register_budget
     from privacy.report import register as register_report
     from server.certs import register as register_certs
-    from server.deploy import register as register_server
     from simulations import audit, compare, simulate, sweep
+    from simulations.serve import register as register_server
 
     parser = argparse.ArgumentParser(prog="fedpriv", description="Federated, differentially private training.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

@@ -283,6 +283,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_compare(args: argparse.Namespace) -> int:
+    from client.paths import output_dir
+
+    output_dir(args.out, "--out")
     config = load_compare_config(args.preset, args.config, args.seeds, args.data_dir)
     result = compare(config, args.out)
     print(f"{len(result.grid.ran)} cells run, {len(result.grid.skipped)} kept from before; "

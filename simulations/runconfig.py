@@ -15,6 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from client import ConfigError, DataConfig, DataError, TrainConfig
+from client.config import with_recommended
+from client.devices import resolve_device
+from client.paths import input_dir, input_file, output_dir
 from client.secagg_config import SecAggConfig
 from privacy import DPConfig, PrivacyError
 from server import ServerConfig
@@ -29,7 +32,7 @@ def default_run_config() -> dict[str, Any]:
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
     """A TOML file of run-config keys, flat (`num-rounds = 5`) or under [tool.flwr.app.config] (a pyproject)."""
-    path = Path(path)
+    path = input_file(path, "--config", "TOML file")
     try:
         table = tomllib.loads(path.read_text())
     except FileNotFoundError:
@@ -50,8 +53,12 @@ def resolve(config_file: str | Path | None, overrides: Mapping[str, Any]) -> dic
         for key, value in layer.items():
             default = config[key]
             config[key] = _coerce(key, value, default)
-    config["out-dir"] = str(Path(config["out-dir"]).expanduser().resolve())
-    return config
+    config["out-dir"] = str(output_dir(config["out-dir"], "--out (out-dir)"))
+    if config["data-dir"]:
+        input_dir(config["data-dir"], "--data-dir (data-dir)", "folder holding the dataset's files")
+    if config["resume-from"]:
+        input_dir(config["resume-from"], "resume-from", "folder of the run to continue")
+    return with_recommended(config)
 
 
 def _coerce(key: str, value: Any, default: Any) -> Any:
@@ -82,6 +89,7 @@ def validate(run_config: Mapping[str, Any]) -> Configs:
     """Everything that can be known before training starts: values, data files, partitions, model fit."""
     configs = Configs(DataConfig.from_run_config(run_config), TrainConfig.from_run_config(run_config),
                       ServerConfig.from_run_config(run_config), DPConfig.from_run_config(run_config))
+    resolve_device(configs.train.device)  # CUDA asked where there is none: an error now, not mid-run
     # Imported here: torch and the model zoo cost seconds, which building the command line should not pay.
     from client import load_dataset, partition_data
     from models import build_model

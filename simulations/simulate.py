@@ -41,6 +41,7 @@ def add_run_flags(parser: argparse.ArgumentParser) -> None:
                    help="fedavg, fedavgm, fedprox, fedadam, fedyogi, fedadagrad, krum, trimmed-mean, median")
     g.add_argument("--proximal-mu", type=float, help="FedProx proximal term")
     g.add_argument("--seed", type=int)
+    g.add_argument("--device", help="auto | cpu | cuda | cuda:N: clients' training and the server's evaluation")
     g.add_argument("--out", help="folder for the run's records")
     d = parser.add_argument_group("differential privacy")
     d.add_argument("--dp", help="none | sample | user | local | sample,user")
@@ -84,7 +85,7 @@ RUN_FLAGS = ["dataset", "data-dir", "model", "num-clients", "rounds", "fraction-
              "local-epochs", "batch-size", "optimizer", "lr", "momentum", "weight-decay", "partition", "strategy",
              "proximal-mu", "seed", "out", "dp", "max-grad-norm", "noise-multiplier", "target-epsilon", "delta",
              "accountant", "budget-epsilon", "budget-delta", "user-noise-multiplier", "user-clipping-norm",
-             "client-sampling", "secagg", "secagg-shares", "secagg-threshold", "secagg-bits"]
+             "client-sampling", "secagg", "secagg-shares", "secagg-threshold", "secagg-bits", "device"]
 
 
 def node_configs(configs: Configs) -> list[dict[str, Any]]:
@@ -92,8 +93,18 @@ def node_configs(configs: Configs) -> list[dict[str, Any]]:
     return [{"partition-id": i, "num-partitions": n} for i in range(n)]
 
 
-def simulate(run_config: Mapping[str, Any], engine: str = "inprocess") -> Path:
-    """Validate, then run; returns the run's folder."""
+def simulate(run_config: Mapping[str, Any], engine: str = "inprocess", ray_options: Any = None) -> Path:
+    """Validate, then run; returns the run's folder. ray_options: simulations.ray_engine.RayOptions."""
+    if ray_options is not None and engine == "ray":
+        from simulations.ray_engine import check_ray_address
+
+        if ray_options.address:
+            check_ray_address(ray_options.address)  # before the data is loaded and partitioned
+        if ray_options.gpus_per_client > 0 and str(run_config.get("device", "cpu")) == "cpu":
+            from client import ConfigError
+
+            raise ConfigError("--gpus-per-client gives each client a GPU share but device is cpu; add "
+                              "--device cuda (or auto)")
     configs = validate(run_config)
     from client.app import app as client_app
     from server.app import app as server_app
@@ -104,7 +115,7 @@ def simulate(run_config: Mapping[str, Any], engine: str = "inprocess") -> Path:
     if engine == "ray":
         from simulations.ray_engine import run_ray
 
-        run_ray(server_app, client_app, configs.data.num_clients, run_config)
+        run_ray(server_app, client_app, configs.data.num_clients, run_config, ray_options)
     else:
         from simulations.inprocess import run_inprocess
 
@@ -122,6 +133,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     a.add_argument("--audit", action="store_true", help="audit the run with canaries right after it")
     a.add_argument("--canaries", type=int, default=None, metavar="M", help="canaries of the audit (default 1000)")
     a.add_argument("--confidence", type=float, default=0.95, help="confidence of the audit's lower bound")
+    r = p.add_argument_group("Ray engine")
+    r.add_argument("--ray-address", default="", metavar="auto|HOST:PORT",
+                   help="join a running Ray cluster (its head's address, or auto for one started on this "
+                        "machine) instead of starting a private one: client actors run on every node")
+    r.add_argument("--gpus-per-client", type=float, default=0.0, metavar="G",
+                   help="share of a GPU each client actor reserves (with --device cuda or auto), e.g. 0.5")
+    r.add_argument("--cpus-per-client", type=float, default=2.0, metavar="C",
+                   help="cores each client actor reserves (default 2)")
     p.set_defaults(func=run_simulate)
 
 
@@ -133,7 +152,16 @@ def run_simulate(args: argparse.Namespace) -> int:
         # Bad audit input fails now, before the run, not after it.
         check_audit_dp(run_config, args.canaries or DEFAULT_CANARIES, args.confidence)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    out = simulate(run_config, args.engine)
+    ray_options = None
+    if args.engine == "ray":
+        from simulations.ray_engine import RayOptions
+
+        ray_options = RayOptions(args.ray_address, args.gpus_per_client, args.cpus_per_client)
+    elif args.ray_address or args.gpus_per_client:
+        from client import ConfigError
+
+        raise ConfigError("--ray-address and --gpus-per-client are for --engine ray; add --engine ray")
+    out = simulate(run_config, args.engine, ray_options)
     print(f"records written to {out}  (config.toml, metrics.json, metrics.csv, model.pt)")
     if (out / "privacy.json").exists():
         print(f"privacy report: {out / 'report.html'}  (and report.md, privacy.json)")

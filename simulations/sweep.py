@@ -246,7 +246,9 @@ def run_sweep(args: argparse.Namespace) -> int:
     clash = sorted(set(overrides) & set(swept))
     if clash:
         raise ConfigError(f"{clash[0]!r} is both swept (--set) and fixed by a flag; drop one of them")
-    out = Path(args.out).expanduser().resolve()
+    from client.paths import output_dir
+
+    out = output_dir(args.out, "--out")
     result = sweep(plan_sweep(args.config, overrides, swept, out, args.target_accuracy), out)
     print(f"{len(result.grid.ran)} runs made, {len(result.grid.skipped)} kept from before; records under "
           f"{out / RUNS}")

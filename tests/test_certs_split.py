@@ -43,12 +43,12 @@ from server.deploy import (
     ServerDeployError,
     check_port_free,
     describe_round,
-    run_config_from,
     security_from,
     stage_app,
 )
 from simulations.cli import main
 from simulations.runconfig import resolve
+from simulations.serve import run_config_from
 
 
 @pytest.fixture(scope="module")
@@ -282,7 +282,8 @@ def test_client_settings_refuse_contradictions(tmp_path: Path) -> None:
         ClientSettings(**{**base, "client_id": "a b"}, insecure=True)
     settings = ClientSettings(**base, insecure=True, budget_epsilon=3.0, budget_delta=1e-5)
     assert settings.node_config() == {"data-path": str(tmp_path / "d.npz"), "client-id": "c",
-                                      "state-dir": str(tmp_path), "budget-epsilon": 3.0, "budget-delta": 1e-5}
+                                      "state-dir": str(tmp_path), "device": "cpu", "budget-epsilon": 3.0,
+                                      "budget-delta": 1e-5}
 
 
 def test_client_command_gives_one_line_errors(tmp_path: Path, capsys: pytest.CaptureFixture,

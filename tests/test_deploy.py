@@ -45,11 +45,12 @@ class Processes:
         self.logs = logs
         self.started: list[subprocess.Popen] = []
 
-    def fedpriv(self, name: str, *args: str) -> subprocess.Popen:
-        env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
+    def fedpriv(self, name: str, *args: str, env: dict[str, str] | None = None,
+                cwd: Path = ROOT) -> subprocess.Popen:
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", **(env or {})}
         out = open(self.logs / f"{name}.out", "ab")  # noqa: SIM115 - the child holds it; closed below
         try:
-            proc = subprocess.Popen([sys.executable, "-m", "simulations.cli", *args], cwd=ROOT, env=env,
+            proc = subprocess.Popen([sys.executable, "-m", "simulations.cli", *args], cwd=cwd, env=env,
                                     stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         finally:
             out.close()
@@ -142,14 +143,13 @@ def test_deployment_with_tls_auth_dp_a_crashed_client_and_a_resumed_server(tmp_p
     logs.mkdir()
     address = f"127.0.0.1:{_free_port()}"
     procs = Processes(logs)
-    server_args = ["server", "--certs", str(certs.root), "--address", address, "--round-timeout", "12",
+    server_args = ["server", "--certs", str(certs.root), "--address", address, "--round-timeout", "30",
                    "--start-clients", "3", "--start-timeout", "120"]
 
     def client(i: int) -> subprocess.Popen:
         return procs.fedpriv(f"client-{i}", "client", "--superlink", address, "--certs", str(certs.root),
                              "--data", str(files[i].path), "--state-dir", str(tmp_path / f"state-{i}"),
-                             "--threads", "1", "--executor", "fork", "--dataset", "digits",
-                             "--poll-interval", "0.5")
+                             "--threads", "1", "--dataset", "digits")
 
     try:
         server = procs.fedpriv("server", *server_args, "--dataset", "digits", "--model", "mlp",
@@ -194,7 +194,7 @@ def test_deployment_with_tls_auth_dp_a_crashed_client_and_a_resumed_server(tmp_p
         procs.kill(server)
         assert len(_rounds(run_dir)) == 3  # rounds 0, 1, 2
         resumed = procs.fedpriv("resumed", *server_args, "--resume", str(run_dir))
-        assert resumed.wait(timeout=180) == 0, procs.output("resumed")[-3000:]
+        assert resumed.wait(timeout=400) == 0, procs.output("resumed")[-3000:]
         assert "round 3/3" in procs.output("resumed")
 
         rounds = _rounds(run_dir)

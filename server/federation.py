@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from client import DataConfig, TrainConfig, evaluate, load_dataset
+from client.compression import CompressionConfig
 from models import build_model
 from privacy import DPConfig, PrivacyLedger
 from privacy.files import write_atomic
@@ -63,6 +64,7 @@ def run_federation(grid: Grid, run_config: Mapping[str, Any], *, progress: bool 
     train_cfg = TrainConfig.from_run_config(run_config)
     server_cfg = ServerConfig.from_run_config(run_config)
     dp = DPConfig.from_run_config(run_config)
+    CompressionConfig.from_run_config(run_config).check_strategy(server_cfg.strategy)  # before any training
     out_dir = Path(server_cfg.out_dir)
     resume_from = server_cfg.resume_from
 

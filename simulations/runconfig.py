@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from client import ConfigError, DataConfig, DataError, TrainConfig, load_dataset, partition_data
+from client.compression import CompressionConfig
 from models import build_model, check_trainable_with_dp
 from privacy import DPConfig, PrivacyError
 from server import ServerConfig
@@ -22,7 +23,7 @@ from server import ServerConfig
 
 def default_run_config() -> dict[str, Any]:
     merged: dict[str, Any] = {}
-    for cls in (DataConfig, TrainConfig, ServerConfig, DPConfig):
+    for cls in (DataConfig, TrainConfig, ServerConfig, DPConfig, CompressionConfig):
         merged.update(cls.DEFAULTS)
     return merged
 
@@ -82,6 +83,7 @@ def validate(run_config: Mapping[str, Any]) -> Configs:
     """Everything that can be known before training starts: values, data files, partitions, model fit."""
     configs = Configs(DataConfig.from_run_config(run_config), TrainConfig.from_run_config(run_config),
                       ServerConfig.from_run_config(run_config), DPConfig.from_run_config(run_config))
+    CompressionConfig.from_run_config(run_config).check_strategy(configs.server.strategy)
     dataset = load_dataset(configs.data.dataset, configs.data.data_dir or None)
     if configs.data.num_clients > len(dataset.y_train):
         raise DataError(f"num-clients = {configs.data.num_clients} is more than the {len(dataset.y_train)} training "

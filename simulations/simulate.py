@@ -39,6 +39,7 @@ def add_run_flags(parser: argparse.ArgumentParser) -> None:
                    help="fedavg, fedavgm, fedprox, fedadam, fedyogi, fedadagrad, krum, trimmed-mean, median")
     g.add_argument("--proximal-mu", type=float, help="FedProx proximal term")
     g.add_argument("--seed", type=int)
+    g.add_argument("--compress", help="client updates as sent: none | int8 | topk:FRACTION (e.g. topk:0.01)")
     g.add_argument("--out", help="folder for the run's records")
     d = parser.add_argument_group("differential privacy")
     d.add_argument("--dp", help="none | sample | user | local | sample,user")
@@ -76,7 +77,7 @@ RUN_FLAGS = ["dataset", "data-dir", "model", "num-clients", "rounds", "fraction-
              "local-epochs", "batch-size", "optimizer", "lr", "momentum", "weight-decay", "partition", "strategy",
              "proximal-mu", "seed", "out", "dp", "max-grad-norm", "noise-multiplier", "target-epsilon", "delta",
              "accountant", "budget-epsilon", "budget-delta", "user-noise-multiplier", "user-clipping-norm",
-             "client-sampling"]
+             "client-sampling", "compress"]
 
 
 def node_configs(configs: Configs) -> list[dict[str, Any]]:

@@ -18,6 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from client import DataConfig, TrainConfig, evaluate, load_dataset
 from client.compression import CompressionConfig
+from client.textgen import TEXT_DATASETS, write_run_sample
 from models import build_model
 from privacy import DPConfig, PrivacyLedger
 from privacy.files import write_atomic
@@ -136,6 +137,8 @@ def run_federation(grid: Grid, run_config: Mapping[str, Any], *, progress: bool 
         arrays = run_rounds(grid, strategy, arrays, settings, evaluate_global, on_round, aggregate)
 
     records.save_model(arrays.to_torch_state_dict())
+    if data_cfg.dataset in TEXT_DATASETS:  # a language model: a sample of its writing, shown in the report
+        write_run_sample(out_dir)
     if tracker is not None:
         from privacy.report import render_reports
 

@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     from privacy.report import register as register_report
     from server.certs import register as register_certs
     from server.deploy import register as register_server
-    from simulations import compare, simulate, sweep
+    from simulations import compare, generate, simulate, sweep
 
     parser = argparse.ArgumentParser(prog="fedpriv", description="Federated, differentially private training.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -38,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.register(sub)
     register_server(sub)
     register_client(sub)
+    generate.register(sub)
     return parser
 
 

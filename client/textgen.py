@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import tomllib
+from collections.abc import Generator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from torch import nn
 from client.config import DataConfig, TrainConfig
 from client.datasets import OOV_ID, SEQ_LEN, SHAKESPEARE_ALPHABET, SHAKESPEARE_VOCAB_SIZE, DataError, encode_text
 from models import TaskSpec, build_model
+from models.sequence import CharLSTM
 from privacy.files import write_atomic
 
 TEXT_DATASETS = ("shakespeare",)
@@ -83,19 +85,36 @@ def generate(model: nn.Module, prompt: str, length: int = 300, temperature: floa
         raise DataError(f"temperature {temperature} is not allowed; use a number >= 0 (0 = most likely character)")
     model.eval()
     generator = torch.Generator().manual_seed(seed)
-    ids = list(encode_text(PAD * max(0, SEQ_LEN - len(prompt)) + prompt)[-SEQ_LEN:])
+    window = torch.from_numpy(encode_text(PAD * max(0, SEQ_LEN - len(prompt)) + prompt)[-SEQ_LEN:].copy())[None]
+    step = _lstm_stepper(model, window) if isinstance(model, CharLSTM) else _window_stepper(model, window)
     out: list[str] = []
+    logits = next(step)
     for _ in range(length):
-        logits = model(torch.tensor([ids[-SEQ_LEN:]], dtype=torch.int64))[0].double()
+        logits = logits[0].double()
         logits[OOV_ID] = -math.inf
         if temperature == 0:
             nxt = int(logits.argmax())
         else:
-            probs = torch.softmax(logits / temperature, dim=0)
-            nxt = int(torch.multinomial(probs, 1, generator=generator))
-        ids.append(nxt)
+            nxt = int(torch.multinomial(torch.softmax(logits / temperature, dim=0), 1, generator=generator))
         out.append(SHAKESPEARE_ALPHABET[nxt])
+        logits = step.send(nxt)
     return "".join(out)
+
+
+def _window_stepper(model: nn.Module, window: torch.Tensor) -> Generator[torch.Tensor, int, None]:
+    """Next-character logits from the last SEQ_LEN characters, exactly the context the model trained on."""
+    while True:
+        nxt = yield model(window)
+        window = torch.cat([window[:, 1:], torch.tensor([[nxt]])], dim=1)
+
+
+def _lstm_stepper(model: CharLSTM, window: torch.Tensor) -> Generator[torch.Tensor, int, None]:
+    """The LSTM reads the window once, then carries its state forward one character at a time: SEQ_LEN
+    times cheaper than re-reading the window (its context then grows past SEQ_LEN, as a recurrent model's may)."""
+    output, state = model.lstm(model.embedding(window))
+    while True:
+        nxt = yield model.head(output[:, -1, :])
+        output, state = model.lstm(model.embedding(torch.tensor([[nxt]])), state)
 
 
 @torch.no_grad()

@@ -17,10 +17,12 @@ from client.compression import compress_update
 from client.config import DataConfig, TrainConfig
 from client.dpsgd import train_private
 from client.guard import load_ledger, owner_budget, plan_round, save_ledger
+from client.secagg import register as register_secagg
 from client.task import ClientData, client_seed, file_data, partition_data
 from client.training import evaluate, train
 from models import build_model
 from privacy import Budget, DPConfig, PrivacyLedger, Step, compute_epsilon
+from privacy.canaries import GradientCanaries, gradient_canaries
 
 app = ClientApp()
 
@@ -82,7 +84,8 @@ def train_round(msg: Message, context: Context) -> Message:
             privacy = _privacy_record(dp, ledger, data, budget, plan.step)
             return Message(RecordDict({"meta": meta, "privacy": privacy}), reply_to=msg)
         result = train_private(model, data.x_train, data.y_train, cfg, noise_multiplier=plan.step.noise_multiplier,
-                               max_grad_norm=dp.max_grad_norm, seed=seed)
+                               max_grad_norm=dp.max_grad_norm, seed=seed,
+                               canaries=_audit_canaries(dp, model, plan.step.sample_rate, server_round, data))
         # Spent once the update leaves the owner: recorded (and persisted) before the reply is built.
         epsilon = compute_epsilon([*ledger.history(), plan.step], dp.delta, dp.accountant)
         ledger.record(server_round, plan.step, epsilon, run=str(context.run_id))
@@ -98,6 +101,16 @@ def train_round(msg: Message, context: Context) -> Message:
     if privacy is not None:
         content["privacy"] = privacy
     return Message(content, reply_to=msg)
+
+
+def _audit_canaries(dp: DPConfig, model, sample_rate: float, server_round: int,  # noqa: ANN001
+                    data: ClientData) -> GradientCanaries | None:
+    """An audit run (fedpriv audit) puts its gradient canaries into the host client's DP-SGD only."""
+    if not dp.audit_canaries or data.client_id != dp.audit_host:
+        return None
+    sizes = [(name, p.numel()) for name, p in model.named_parameters()]
+    specs = gradient_canaries(sizes, dp.audit_canaries, dp.audit_seed)
+    return GradientCanaries(specs, sample_rate, dp.max_grad_norm, dp.audit_seed, server_round, data.client_id)
 
 
 def _privacy_record(dp: DPConfig, ledger: PrivacyLedger, data: ClientData, budget: Budget | None,
@@ -121,3 +134,7 @@ def evaluate_round(msg: Message, context: Context) -> Message:
     metrics = evaluate(model, data.x_val, data.y_val) if len(data.y_val) else {}
     metrics["num-examples"] = len(data.y_val)
     return Message(RecordDict({"metrics": MetricRecord(metrics), "meta": _meta(data)}), reply_to=msg)
+
+
+# Secure aggregation's four actions (client/secagg.py); collect trains through train_round above.
+register_secagg(app, train_round)

@@ -17,8 +17,9 @@ from opacus import PrivacyEngine
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from client.bookkeeping import BK_MODE, Canaries, bk_unsupported, train_bookkeeping
 from client.config import TrainConfig
-from client.training import make_optimizer
+from client.training import as_tensor, make_optimizer
 
 # Ghost clipping computes per-example gradient norms without materialising per-example gradients: exact
 # (the same clipped gradient as "hooks") and the fastest mode on the CNN here (benchmarks/dp_modes.py).
@@ -52,12 +53,27 @@ def grad_sample_mode_for(model: nn.Module) -> str:
 
 
 def train_private(model: nn.Module, x: np.ndarray, y: np.ndarray, cfg: TrainConfig, *, noise_multiplier: float,
-                  max_grad_norm: float, seed: int, grad_sample_mode: str | None = None) -> dict[str, float]:
-    """One round of DP-SGD; trains `model` in place (its own keys, no `_module.` prefix)."""
+                  max_grad_norm: float, seed: int, grad_sample_mode: str | None = None,
+                  canaries: Canaries | None = None) -> dict[str, float | str]:
+    """One round of DP-SGD; trains `model` in place (its own keys, no `_module.` prefix). The result names the
+    grad-sample mode used: book-keeping ("bk", client/bookkeeping.py) wherever it covers every trainable layer,
+    else Opacus.
+
+    `canaries` (an audit): extra examples whose per-example gradients go through the same clipping, sum, noise
+    and division by the real data's expected batch size as the real ones. In the Opacus path they are appended
+    to Opacus' per-example gradients before each step; ghost clipping never materialises those, so an audited
+    Opacus run uses hooks (the two give exactly the same clipped gradient)."""
+    if grad_sample_mode in (None, "auto"):
+        example = as_tensor(x[:1])
+        grad_sample_mode = BK_MODE if bk_unsupported(model, example) is None else grad_sample_mode_for(model)
+    if grad_sample_mode == BK_MODE:
+        return train_bookkeeping(model, x, y, cfg, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+                                 seed=seed, canaries=canaries)
     dataset = TensorDataset(torch.from_numpy(x), torch.from_numpy(y))
     loader = DataLoader(dataset, batch_size=cfg.batch_size, generator=torch.Generator().manual_seed(seed))
     optimizer = make_optimizer(model.parameters(), cfg)
-    mode = grad_sample_mode or grad_sample_mode_for(model)
+    mode = FALLBACK_MODE if canaries is not None else grad_sample_mode
+    names = {id(p): name for name, p in model.named_parameters()}
     criterion = nn.CrossEntropyLoss()
     with warnings.catch_warnings():
         # Opacus warns on every engine that its RNG is not cryptographically secure (secure_mode needs
@@ -77,22 +93,42 @@ def train_private(model: nn.Module, x: np.ndarray, y: np.ndarray, cfg: TrainConf
     with warnings.catch_warnings():
         # Ghost clipping's second backward pass makes torch warn about full backward hooks on every step.
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
-        return _epochs(wrapped, dp_optimizer, criterion, dp_loader, cfg.local_epochs)
+        result = _epochs(wrapped, dp_optimizer, criterion, dp_loader, cfg.local_epochs, canaries, names)
+        return {**result, "grad-sample-mode": mode}
 
 
-def _epochs(wrapped: nn.Module, dp_optimizer, criterion, dp_loader, local_epochs: int) -> dict[str, float]:  # noqa: ANN001
+def _add_canary_rows(dp_optimizer, rows: list[tuple[str, int, float]], names: dict[int, str]) -> None:  # noqa: ANN001
+    """Append one per-example gradient per canary row to every parameter's grad_sample: zero everywhere
+    except the row's coordinate."""
+    for p in dp_optimizer.params:
+        extra = torch.zeros((len(rows), *p.shape), dtype=p.dtype)
+        flat = extra.view(len(rows), -1)
+        for i, (name, index, value) in enumerate(rows):
+            if name == names[id(p)]:
+                flat[i, index] = value
+        current = getattr(p, "grad_sample", None)
+        p.grad_sample = extra if current is None else torch.cat([current, extra], dim=0)
+
+
+def _epochs(wrapped: nn.Module, dp_optimizer, criterion, dp_loader, local_epochs: int,  # noqa: ANN001
+            canaries: Canaries | None = None, names: dict[int, str] | None = None) -> dict[str, float]:
     total_loss, correct, seen, steps = 0.0, 0, 0, 0
     for _ in range(local_epochs):
         for xb, yb in dp_loader:
             dp_optimizer.zero_grad(set_to_none=True)
+            rows = canaries.rows(steps) if canaries is not None else []
             if len(yb) == 0:
                 # Poisson sampling can draw an empty batch; it still counts as a step (noise only).
+                if rows:
+                    _add_canary_rows(dp_optimizer, rows, names or {})
                 dp_optimizer.step()
                 steps += 1
                 continue
             logits = wrapped(xb)
             loss = criterion(logits, yb)
             loss.backward()
+            if rows:
+                _add_canary_rows(dp_optimizer, rows, names or {})
             dp_optimizer.step()
             steps += 1
             # Ghost clipping's loss is a wrapper object; the value itself comes from the detached logits.

@@ -40,6 +40,11 @@ class DPConfig:
     client_sampling: str = "poisson"
     local_epsilon: float = 1.0
     local_sensitivity: float = 1.0
+    # Empirical audit (fedpriv audit): m canaries (0 = none), the seed they are drawn from, and the client whose
+    # DP-SGD hosts the sample-level canaries.
+    audit_canaries: int = 0
+    audit_seed: int = 0
+    audit_host: str = "0"
 
     DEFAULTS: ClassVar[dict[str, Any]] = {
         "dp": "none",
@@ -56,6 +61,9 @@ class DPConfig:
         "client-sampling": "poisson",
         "local-epsilon": 1.0,
         "local-sensitivity": 1.0,
+        "audit-canaries": 0,
+        "audit-seed": 0,
+        "audit-host": "0",
     }
 
     def __post_init__(self) -> None:
@@ -101,6 +109,12 @@ class DPConfig:
                                f"{', '.join(SAMPLINGS)}")
         _positive("local-epsilon", self.local_epsilon)
         _positive("local-sensitivity", self.local_sensitivity)
+        for key, value in (("audit-canaries", self.audit_canaries), ("audit-seed", self.audit_seed)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise PrivacyError(f"{key}={value!r} is not allowed: it must be an integer >= 0")
+        if self.audit_canaries and not modes:
+            raise PrivacyError("audit-canaries is set but dp=none: there is no mechanism to audit; set dp "
+                               "(sample, user or local) or audit-canaries=0")
 
     @classmethod
     def from_run_config(cls, rc: Mapping[str, Any]) -> DPConfig:
@@ -121,6 +135,9 @@ class DPConfig:
             client_sampling=_text("client-sampling", v["client-sampling"]),
             local_epsilon=_num("local-epsilon", v["local-epsilon"]),
             local_sensitivity=_num("local-sensitivity", v["local-sensitivity"]),
+            audit_canaries=_int("audit-canaries", v["audit-canaries"]),
+            audit_seed=_int("audit-seed", v["audit-seed"]),
+            audit_host=str(v["audit-host"]),
         )
 
     def budget(self) -> Budget | None:
@@ -169,6 +186,13 @@ def _num(key: str, value: Any) -> float:
     if not math.isfinite(out):
         raise PrivacyError(f"{key}={value!r} is not allowed: it must be a finite number")
     return out
+
+
+def _int(key: str, value: Any) -> int:
+    number = _num(key, value)
+    if number != int(number):
+        raise PrivacyError(f"{key}={value!r} is not allowed: it must be an integer")
+    return int(number)
 
 
 def _optional(key: str, value: Any) -> float | None:

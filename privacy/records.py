@@ -1,6 +1,8 @@
 """privacy.json: the run's privacy record, validated on write and on read against one fixed schema.
 
-Top level: schema_version, delta, sample_level, user_level, local, library_versions (exactly these keys).
+Top level: schema_version, delta, sample_level, user_level, local, library_versions (exactly these keys),
+  plus, only for runs with secure aggregation, secure_aggregation: {protocol, trust_model, threshold, shares,
+  bits, survivors_per_round, distributed_dp (null or the Skellam plan and its epsilons)}.
   sample_level: null or {accountant, clients: [client, ...]}
     client: {client_id, num_examples, noise_multiplier, max_grad_norm, sample_rate, steps_per_round,
              epsilon_per_round, rounds, epsilon, budget ({epsilon, delta} or null), refused_rounds}
@@ -33,6 +35,8 @@ _CLIENT_KEYS = ("client_id", "num_examples", "noise_multiplier", "max_grad_norm"
                 "steps_per_round", "epsilon_per_round", "rounds", "epsilon", "budget", "refused_rounds")
 _USER_KEYS = ("accountant", "noise_multiplier", "clipping_norm", "client_sampling", "client_sampling_rate",
               "num_clients", "epsilon_per_round", "epsilon", "epsilon_pld", "clipping")
+# Optional top-level section of runs with secure aggregation (absent from older records, which stay valid).
+_SECURE_KEYS = ("protocol", "trust_model", "threshold", "shares", "bits", "survivors_per_round", "distributed_dp")
 _LIBRARIES = ("torch", "opacus", "flwr", "dp-accounting", "numpy")
 
 
@@ -50,6 +54,9 @@ def library_versions() -> dict[str, str]:
 
 def validate_privacy_record(record: Any) -> None:
     """Raise PrivacyError (one line, naming the key) unless `record` follows the privacy.json schema."""
+    if isinstance(record, dict) and "secure_aggregation" in record:  # optional: runs with secagg = true
+        _check_secure(record["secure_aggregation"])
+        record = {k: v for k, v in record.items() if k != "secure_aggregation"}
     _exact_keys(record, _TOP_KEYS, "")
     if record["schema_version"] != SCHEMA_VERSION or isinstance(record["schema_version"], bool):
         raise PrivacyError(f"schema_version={record['schema_version']!r} is not supported: this fedpriv "
@@ -121,6 +128,20 @@ def _check_client(client: Any, where: str) -> None:
         _number(budget, "epsilon", where + "budget.", lambda v: v > 0, "a number > 0")
         _number(budget, "delta", where + "budget.", lambda v: 0 < v < 1, "a number in (0, 1)")
     _list(client, "refused_rounds", where, _is_int_at_least(0), "integers >= 0")
+
+
+def _check_secure(section: Any) -> None:
+    where = "secure_aggregation."
+    _exact_keys(section, _SECURE_KEYS, where)
+    if not (isinstance(section["trust_model"], str) and section["trust_model"]):
+        raise _bad(where + "trust_model", section["trust_model"], "a sentence stating the trust model")
+    _integer(section, "threshold", where, 2)
+    _list(section, "survivors_per_round", where, _is_int_at_least(0), "integers >= 0")
+    ddp = section["distributed_dp"]
+    if ddp is not None:
+        if not isinstance(ddp, dict):
+            raise _bad(where + "distributed_dp", ddp, "null or a dict")
+        _number(ddp, "epsilon", where + "distributed_dp.", lambda v: v >= 0, "a number >= 0")
 
 
 def _check_user(user: Any, where: str) -> None:

@@ -19,6 +19,7 @@ from decimal import ROUND_CEILING, Decimal
 from pathlib import Path
 from typing import Any
 
+from privacy.audit_report import audit_section, audit_warning, read_audit
 from privacy.documents import (
     Block,
     Bullets,
@@ -689,6 +690,42 @@ def _local_section(loc: LocalLevel) -> list[Block]:
     return blocks
 
 
+def _secure_section(sec: dict[str, Any], delta: float) -> list[Block]:
+    """Runs with secure aggregation: the trust model in words and, for distributed DP, what replaces the
+    server's Gaussian noise of the user-level section."""
+    where = "privacy.json.secure_aggregation"
+    blocks: list[Block] = [
+        Heading(2, "Secure aggregation and trust model"),
+        Para(_str(sec, "trust_model", where) or "not recorded"),
+        Table(("Setting", "Value"), (
+            ("protocol", _str(sec, "protocol", where) or "not recorded"),
+            ("threshold (survivors needed to release a round)", str(_int(sec, "threshold", where))),
+            ("share holders per client (0 = all sampled)", str(_int(sec, "shares", where))),
+            ("ring Z_2^bits, bits", str(_int(sec, "bits", where))),
+            ("survivors per released round", ", ".join(map(str, _int_list(sec, "survivors_per_round", where)))),
+        )),
+    ]
+    ddp = sec.get("distributed_dp")
+    if isinstance(ddp, dict):
+        w = where + ".distributed_dp"
+        amplified = _num(ddp, "epsilon_amplified", w)
+        blocks += [
+            Para("Distributed DP: the user-level noise above is not added by the server. Each client adds "
+                 "integer Skellam noise to its rotated, scaled, rounded update before masking; the sum of the "
+                 "survivors' noise is the mechanism's noise. The user-level epsilon is the Skellam RDP bound "
+                 "(Agarwal, Kairouz, Liu 2021) at the number of clients that survived each round, with no "
+                 "credit for client sampling."),
+            Table(("delta", "epsilon (no sampling credit: holds against the server)",
+                   "epsilon (Poisson sampling credited: not against the server)"),
+                  ((fmt_delta(delta), fmt_epsilon(_num(ddp, "epsilon", w)),
+                    fmt_epsilon(amplified) if amplified is not None else "not applicable"),)),
+            Table(("Setting", "Value"), tuple((k, _g(_num(ddp, k, w))) for k in (
+                "clip_norm", "noise_multiplier", "gamma", "norm_bound", "inflation", "client_lambda",
+                "padded_dim"))),
+        ]
+    return blocks
+
+
 def _check_section(p: PrivacyRecord) -> list[Block]:
     blocks: list[Block] = [
         Heading(2, "How to check this"),
@@ -804,7 +841,8 @@ def _build(run_dir: Path) -> tuple[list[Block], str]:
     if not privacy_path.is_file():
         raise _fail(f"no privacy.json in '{run_dir}'",
                     "pass the folder a DP training run wrote its records into")
-    p = _parse_privacy(_load_json(privacy_path, "privacy.json"))
+    raw = _load_json(privacy_path, "privacy.json")
+    p = _parse_privacy(raw)
     metrics_path = run_dir / "metrics.json"
     metrics = list(_parse_metrics(_load_json(metrics_path, "metrics.json"))) if metrics_path.is_file() else []
     config_path = run_dir / "config.toml"
@@ -821,9 +859,12 @@ def _build(run_dir: Path) -> tuple[list[Block], str]:
         warnings += _user_warnings(p.user, p.delta)
     if p.local is not None:
         warnings += _local_warnings(p.local)
+    audit = read_audit(run_dir, ReportError)
+    if audit is not None and (violation := audit_warning(audit)) is not None:
+        warnings.append(violation)
     # Incidents first: a reader who stops after the first line must see them.
-    warnings.sort(key=lambda w: not w.startswith("BUDGET EXCEEDED"))
-    incidents = sum(w.startswith("BUDGET EXCEEDED") for w in warnings)
+    warnings.sort(key=lambda w: not w.startswith(("BUDGET EXCEEDED", "AUDIT VIOLATION")))
+    incidents = sum(w.startswith(("BUDGET EXCEEDED", "AUDIT VIOLATION")) for w in warnings)
 
     mtime = dt.datetime.fromtimestamp(privacy_path.stat().st_mtime, tz=dt.UTC)
     written = mtime.strftime("%Y-%m-%d %H:%M UTC")
@@ -848,6 +889,8 @@ def _build(run_dir: Path) -> tuple[list[Block], str]:
         blocks += _user_section(p, p.user)
     if p.local is not None:
         blocks += _local_section(p.local)
+    if isinstance(raw, dict) and isinstance(raw.get("secure_aggregation"), dict):
+        blocks += _secure_section(raw["secure_aggregation"], p.delta)
 
     plots = []
     if p.sample is not None and any(c.epsilon_per_round for c in p.sample.clients):
@@ -864,6 +907,8 @@ def _build(run_dir: Path) -> tuple[list[Block], str]:
         blocks += [Heading(2, "Rounds"), _rounds_table(metrics)]
 
     blocks += _check_section(p)
+    if audit is not None:
+        blocks += audit_section(audit)
     blocks += _post_processing_section(run_dir, config_text)
     blocks += [
         Heading(2, "What is not counted here"),

@@ -22,10 +22,12 @@ from client.textgen import TEXT_DATASETS, write_run_sample
 from models import build_model
 from privacy import DPConfig, PrivacyLedger
 from privacy.files import write_atomic
+from server.audit import SampleCanaryScores, build_auditor, write_scores
 from server.config import ServerConfig
 from server.privacy_records import ClientPrivacy, PrivacyTracker
 from server.records import RunRecords
 from server.rounds import LoopSettings, RoundRecord, run_rounds
+from server.secagg import secure_rounds
 from server.strategies import build_strategy
 from server.userdp import aggregate_user_dp, build_user_dp_strategy
 
@@ -79,14 +81,25 @@ def run_federation(grid: Grid, run_config: Mapping[str, Any], *, progress: bool 
         return evaluate(model, dataset.x_test, dataset.y_test)
 
     aggregate = None
+    # An audit run (fedpriv audit) scores canaries; None otherwise.
+    auditor = build_auditor(dp, model, ArrayRecord(model.state_dict()), server_cfg.fraction_train)
+    user_canaries = None if isinstance(auditor, SampleCanaryScores) else auditor
     if "user" in dp.modes:
         strategy: Strategy = build_user_dp_strategy(dp, data_cfg.num_clients, server_cfg.fraction_train)
 
         def aggregate(server_round: int, replies: list[Message], arrays: ArrayRecord) -> ArrayRecord:
             return aggregate_user_dp(strategy, server_round, replies, arrays, dp, server_cfg.fraction_train,
-                                     server_cfg.seed)
+                                     server_cfg.seed, canaries=user_canaries)
     else:
         strategy = build_strategy(server_cfg, proximal_mu=train_cfg.proximal_mu)
+    if isinstance(auditor, SampleCanaryScores):
+        inner = aggregate or (lambda r, replies, _arrays: strategy.aggregate_train(r, replies)[0])
+
+        def aggregate(server_round: int, replies: list[Message], arrays: ArrayRecord) -> ArrayRecord | None:
+            auditor.observe(server_round, replies, arrays)  # what the server received, before any aggregation
+            return inner(server_round, replies, arrays)
+
+    secure = secure_rounds(grid, run_config, dp, model, tracker)  # None unless secagg = true
 
     start_round = 1
     if resume_from:
@@ -134,9 +147,12 @@ def run_federation(grid: Grid, run_config: Mapping[str, Any], *, progress: bool 
             acc = record.server.get("accuracy", float("nan"))
             bar.update(task, completed=record.round, description=f"server accuracy {acc:.4f}")
 
-        arrays = run_rounds(grid, strategy, arrays, settings, evaluate_global, on_round, aggregate)
+        arrays = run_rounds(grid, strategy, arrays, settings, evaluate_global, on_round, aggregate,
+                            secure_train=secure)
 
     records.save_model(arrays.to_torch_state_dict())
+    if auditor is not None:
+        write_scores(out_dir, auditor)
     if data_cfg.dataset in TEXT_DATASETS:  # a language model: a sample of its writing, shown in the report
         write_run_sample(out_dir)
     if tracker is not None:

@@ -38,6 +38,7 @@ class PrivacyTracker:
         self.dp, self.num_clients, self.fraction = dp, num_clients, fraction_train
         self.clients: dict[str, ClientPrivacy] = {}
         self.server_rounds = 0  # rounds released so far: each is one user-level (or local-DP) mechanism
+        self.secure = None  # server.secagg.SecureRounds when secagg is on: adds its trust model and accounting
 
     def observe(self, server_round: int, privacy: list[dict[str, Any]], refused: list[dict[str, str]]) -> None:
         for entry in privacy:
@@ -54,14 +55,19 @@ class PrivacyTracker:
         self.server_rounds = server_round
 
     def record(self) -> dict[str, Any]:
-        return {
+        record = {
             "schema_version": SCHEMA_VERSION,
             "delta": self.dp.delta,
             "sample_level": self._sample_level() if "sample" in self.dp.modes else None,
-            "user_level": self._user_level() if "user" in self.dp.modes else None,
+            "user_level": self._user_level() if "user" in self.dp.modes and self.secure is None else None,
             "local": self._local() if "local" in self.dp.modes else None,
             "library_versions": library_versions(),
         }
+        if self.secure is not None:
+            from server.secagg_privacy import secure_sections
+
+            record["secure_aggregation"], record["user_level"] = secure_sections(self.secure, self)
+        return record
 
     def write(self) -> Path:
         write_privacy_record(self.path, self.record())

@@ -153,6 +153,7 @@ class RoundRecord:
     missing: list[str] = field(default_factory=list)
     server: dict[str, float] = field(default_factory=dict)
     privacy: list[dict[str, Any]] = field(default_factory=list)  # per-client ledger entries sent back with updates
+    secagg: dict[str, Any] | None = None  # secure aggregation: stage reached, survivors, who was unmasked
     seconds: float = 0.0
     # Bytes of model data the aggregated updates carried (client -> server), and what float weights would cost.
     upload_bytes: int = 0
@@ -206,9 +207,12 @@ def run_rounds(
     evaluate_fn: Callable[[int, ArrayRecord], dict[str, float]],
     on_round: Callable[[RoundRecord, ArrayRecord], None],
     aggregate: Callable[[int, list[Message], ArrayRecord], ArrayRecord | None] | None = None,
+    secure_train: Callable[[int, RoundRecord, ClientDirectory, ArrayRecord], ArrayRecord | None] | None = None,
 ) -> ArrayRecord:
     """Run rounds start_round..num_rounds; after each, `on_round(record, arrays)` persists what happened.
-    `aggregate(round, good_replies, current_arrays)` defaults to the strategy's own aggregate_train."""
+    `aggregate(round, good_replies, current_arrays)` defaults to the strategy's own aggregate_train.
+    `secure_train(round, record, directory, arrays)`, when given, replaces the whole train phase (secure
+    aggregation: the server never holds one client's update) and returns the new arrays or None."""
     directory = ClientDirectory()
     aggregate = aggregate or (lambda r, replies, _arrays: strategy.aggregate_train(r, replies)[0])
     for server_round in range(settings.start_round, settings.num_rounds + 1):
@@ -221,7 +225,9 @@ def run_rounds(
                 f"round {server_round}: only {len(clients)} clients connected, min-clients is {settings.min_clients}")
         record.sampled = sample_clients(clients, settings.fraction_train, settings.seed, server_round, "train",
                                         settings.client_sampling)
-        if record.sampled:
+        if record.sampled and secure_train is not None:
+            arrays = secure_train(server_round, record, directory, arrays) or arrays
+        elif record.sampled:
             subset = SubsetGrid(grid, [directory.node_of(c) for c in record.sampled])
             config = ConfigRecord({"server-round": server_round})
             messages = list(strategy.configure_train(server_round, arrays, config, subset))

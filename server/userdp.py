@@ -13,6 +13,7 @@ aggregate, which is right only for an unweighted mean over exactly m updates. fe
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message
@@ -39,14 +40,21 @@ def build_user_dp_strategy(dp: DPConfig, num_clients: int, fraction: float) -> U
 
 
 def aggregate_user_dp(strategy: UserDPStrategy, server_round: int, replies: list[Message], arrays: ArrayRecord,
-                      dp: DPConfig, fraction: float, seed: int) -> ArrayRecord:
+                      dp: DPConfig, fraction: float, seed: int, canaries: Any = None) -> ArrayRecord:
     """One noisy DP-FedAvg step; returns the new global arrays (the old ones when nobody replied).
 
     Flower's wrapper returns w + mean_k(clipped deltas) + noise(z*C/D) for the k updates it got. With fewer
     than D, the fixed-denominator mean sum/D is that minus (1 - k/D) * mean_k(clipped deltas); the wrapper
-    leaves each reply's clipped arrays in the reply, so that mean is computed from them."""
+    leaves each reply's clipped arrays in the reply, so that mean is computed from them.
+
+    `canaries` (an audit run, server.audit.UserCanaries): canary clients' replies join the real ones, through
+    the same clipping and noise; the auditor sees the released model, and their clipped contribution is
+    then subtracted from the model the run keeps."""
     if not replies:
         return arrays
+    n_real = len(replies)
+    if canaries is not None:
+        replies = [*replies, *canaries.replies(server_round, arrays, replies[0])]
     # Flower draws the noise from numpy's global generator; seeding it per round keeps runs reproducible.
     np.random.seed([seed, server_round])
     noisy, _ = strategy.aggregate_train(server_round, replies)
@@ -61,5 +69,9 @@ def aggregate_user_dp(strategy: UserDPStrategy, server_round: int, replies: list
     for i, key in enumerate(arrays.keys()):
         mean_delta = sum(c[i] - old[i] for c in clipped) / k
         delta = (new[i] - old[i]) - (1.0 - k / d) * mean_delta
-        out[key] = Array(np.asarray(old[i] + scale * delta, dtype=old[i].dtype))
-    return ArrayRecord(out)
+        out[key] = old[i] + scale * delta
+    if canaries is not None:
+        canaries.observe(server_round, old, [out[key] for key in arrays.keys()])
+        for i, key in enumerate(arrays.keys()):
+            out[key] = out[key] - scale * sum(c[i] - old[i] for c in clipped[n_real:]) / d
+    return ArrayRecord({key: Array(np.asarray(v, dtype=old[i].dtype)) for i, (key, v) in enumerate(out.items())})

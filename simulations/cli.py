@@ -25,13 +25,14 @@ def build_parser() -> argparse.ArgumentParser:
     from privacy.report import register as register_report
     from server.certs import register as register_certs
     from server.deploy import register as register_server
-    from simulations import compare, generate, simulate, sweep
+    from simulations import audit, compare, generate, simulate, sweep
 
     parser = argparse.ArgumentParser(prog="fedpriv", description="Federated, differentially private training.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     simulate.register(sub)
     register_budget(sub)
     register_report(sub)
+    audit.register(sub)
     register_certs(sub)
     register_split(sub)
     compare.register(sub)

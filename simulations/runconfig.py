@@ -16,6 +16,7 @@ from typing import Any
 
 from client import ConfigError, DataConfig, DataError, TrainConfig, load_dataset, partition_data
 from client.compression import CompressionConfig
+from client.secagg_config import SecAggConfig
 from models import build_model, check_trainable_with_dp
 from privacy import DPConfig, PrivacyError
 from server import ServerConfig
@@ -23,7 +24,7 @@ from server import ServerConfig
 
 def default_run_config() -> dict[str, Any]:
     merged: dict[str, Any] = {}
-    for cls in (DataConfig, TrainConfig, ServerConfig, DPConfig, CompressionConfig):
+    for cls in (DataConfig, TrainConfig, ServerConfig, DPConfig, SecAggConfig, CompressionConfig):
         merged.update(cls.DEFAULTS)
     return merged
 
@@ -83,7 +84,11 @@ def validate(run_config: Mapping[str, Any]) -> Configs:
     """Everything that can be known before training starts: values, data files, partitions, model fit."""
     configs = Configs(DataConfig.from_run_config(run_config), TrainConfig.from_run_config(run_config),
                       ServerConfig.from_run_config(run_config), DPConfig.from_run_config(run_config))
-    CompressionConfig.from_run_config(run_config).check_strategy(configs.server.strategy)
+    compression = CompressionConfig.from_run_config(run_config)
+    compression.check_strategy(configs.server.strategy)
+    if compression.enabled and SecAggConfig.from_run_config(run_config).enabled:
+        raise ConfigError(f"compress = {compression.method} cannot be combined with secagg: the server sees only "
+                          "the masked sum, never a client's encoded update; use compress=none with secagg")
     dataset = load_dataset(configs.data.dataset, configs.data.data_dir or None)
     if configs.data.num_clients > len(dataset.y_train):
         raise DataError(f"num-clients = {configs.data.num_clients} is more than the {len(dataset.y_train)} training "
@@ -91,7 +96,26 @@ def validate(run_config: Mapping[str, Any]) -> Configs:
     first = partition_data(configs.data, 0)  # partitions are computed (and cached) here, so a bad spec fails now
     model = build_model(configs.train.model, dataset.spec)
     check_dp(configs, model, first.num_examples)
+    check_secagg(run_config, configs, model)
     return configs
+
+
+def check_secagg(run_config: Mapping[str, Any], configs: Configs, model: Any) -> None:
+    """Secure aggregation settings the run cannot meet (threshold, bits, strategy) fail before training."""
+    cfg = SecAggConfig.from_run_config(run_config)
+    if not cfg.enabled:
+        return
+    if "local" in configs.dp.modes:
+        raise PrivacyError("dp=local already noises every update on its own; with secagg use dp=user "
+                           "(distributed DP) or dp=sample")
+    if configs.server.strategy != "fedavg":
+        raise ConfigError(f"secagg computes a uniform FedAvg of the clients' summed updates; strategy "
+                          f"{configs.server.strategy!r} needs individual updates: use --strategy fedavg")
+    from server.secagg import SecureRounds
+
+    dim = sum(int(v.numel()) for v in model.state_dict().values())
+    SecureRounds(None, cfg, configs.dp, configs.data.num_clients, configs.server.fraction_train,  # type: ignore[arg-type]
+                 configs.server.seed, dim)
 
 
 def check_dp(configs: Configs, model: Any, num_examples: int) -> None:

@@ -53,6 +53,11 @@ def add_run_flags(parser: argparse.ArgumentParser) -> None:
     d.add_argument("--user-noise-multiplier", type=float, help="user-level DP-FedAvg noise multiplier")
     d.add_argument("--user-clipping-norm", type=float, help="user-level DP-FedAvg update clipping norm")
     d.add_argument("--client-sampling", help="poisson | fixed (user-level DP)")
+    d.add_argument("--secagg", action="store_const", const=True, default=None,
+                   help="secure aggregation (SecAgg+): the server sees only the sum; with --dp user: distributed DP")
+    d.add_argument("--secagg-shares", type=int, help="share holders per client, itself included (0 = all sampled)")
+    d.add_argument("--secagg-threshold", type=int, help="survivors needed to release a round (0 = a majority)")
+    d.add_argument("--secagg-bits", type=int, help="masked vectors live in Z_2^bits (8..62)")
     g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any other run-config key, e.g. --set server-learning-rate=0.01 (repeatable)")
 
@@ -77,7 +82,7 @@ RUN_FLAGS = ["dataset", "data-dir", "model", "num-clients", "rounds", "fraction-
              "local-epochs", "batch-size", "optimizer", "lr", "momentum", "weight-decay", "partition", "strategy",
              "proximal-mu", "seed", "out", "dp", "max-grad-norm", "noise-multiplier", "target-epsilon", "delta",
              "accountant", "budget-epsilon", "budget-delta", "user-noise-multiplier", "user-clipping-norm",
-             "client-sampling", "compress"]
+             "client-sampling", "secagg", "secagg-shares", "secagg-threshold", "secagg-bits", "compress"]
 
 
 def node_configs(configs: Configs) -> list[dict[str, Any]]:
@@ -108,11 +113,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_run_flags(p)
     p.add_argument("--engine", choices=ENGINES, default="inprocess",
                    help="inprocess: messages handed straight to the ClientApp (fast); ray: Flower's runtime")
+    a = p.add_argument_group("empirical audit (after the run: what `fedpriv audit OUT` does)")
+    a.add_argument("--audit", action="store_true", help="audit the run with canaries right after it")
+    a.add_argument("--canaries", type=int, default=None, metavar="M", help="canaries of the audit (default 1000)")
+    a.add_argument("--confidence", type=float, default=0.95, help="confidence of the audit's lower bound")
     p.set_defaults(func=run_simulate)
 
 
 def run_simulate(args: argparse.Namespace) -> int:
     run_config = resolve(args.config, overrides_from(args, RUN_FLAGS))
+    if args.audit:
+        from simulations.audit import DEFAULT_CANARIES, check_audit_dp
+
+        # Bad audit input fails now, before the run, not after it.
+        check_audit_dp(run_config, args.canaries or DEFAULT_CANARIES, args.confidence)
     # Flower logs every sampling and aggregation step at INFO; the progress bar says what a user needs.
     logging.getLogger("flwr").setLevel(logging.WARNING)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -120,4 +134,11 @@ def run_simulate(args: argparse.Namespace) -> int:
     print(f"records written to {out}  (config.toml, metrics.json, metrics.csv, model.pt)")
     if (out / "privacy.json").exists():
         print(f"privacy report: {out / 'report.html'}  (and report.md, privacy.json)")
+    if args.audit:
+        from simulations.audit import DEFAULT_CANARIES, run_audit, summary_line
+
+        record = run_audit(out, canaries=args.canaries or DEFAULT_CANARIES, confidence=args.confidence,
+                           engine=args.engine)
+        print(summary_line(record))
+        return 0 if record["verdict"] == "consistent" else 1
     return 0

@@ -127,6 +127,12 @@ def test_robust_strategies_refuse_compression(tmp_path, capsys, strategy):
     assert CompressionConfig.parse("topk:1").fraction == 1.0  # the upper bound is allowed
 
 
+def test_secure_aggregation_refuses_compression(tmp_path, capsys):
+    assert main(["simulate", *SMALL, "--out", str(tmp_path / "x"), "--compress", "int8", "--set", "secagg=true"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "cannot be combined with secagg" in err and len(err.splitlines()) == 1
+
+
 def test_runs_record_bytes_and_keep_the_residual_in_client_state(tmp_path):
     runs = {}
     for codec in ("none", "int8", "topk:0.05"):

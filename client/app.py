@@ -13,6 +13,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import LocalDpMod
 
+from client.compression import compress_update
 from client.config import DataConfig, TrainConfig
 from client.devices import client_device
 from client.guard import load_ledger, owner_budget, plan_round, save_ledger
@@ -57,7 +58,8 @@ def local_dp(msg: Message, context: Context, call_next) -> Message:  # noqa: ANN
     return mod(msg, context, call_next)
 
 
-@app.train(mods=[local_dp])
+# compress_update is outermost: it encodes the update after any DP noise (post-processing, no privacy cost).
+@app.train(mods=[compress_update, local_dp])
 def train_round(msg: Message, context: Context) -> Message:
     data, data_cfg = local_data(context)
     cfg = TrainConfig.from_run_config(context.run_config)

@@ -909,6 +909,7 @@ def _build(run_dir: Path) -> tuple[list[Block], str]:
     blocks += _check_section(p)
     if audit is not None:
         blocks += audit_section(audit)
+    blocks += _post_processing_section(run_dir, config_text)
     blocks += [
         Heading(2, "What is not counted here"),
         Bullets((
@@ -925,6 +926,35 @@ def _build(run_dir: Path) -> tuple[list[Block], str]:
         Code(config_text.rstrip("\n")) if config_text is not None else Para("config.toml is absent."),
     ]
     return blocks, title
+
+
+def _post_processing_section(run_dir: Path, config_text: str | None) -> list[Block]:
+    """Compressed updates and generated text: what was done to private outputs, at no privacy cost."""
+    import tomllib
+
+    blocks: list[Block] = []
+    try:
+        compress = str(tomllib.loads(config_text or "").get("compress", "none"))
+    except tomllib.TOMLDecodeError:
+        compress = "none"
+    if compress != "none":
+        blocks.append(Para(f"Client updates were compressed ({compress}) after DP-SGD or local DP noise was "
+                           "applied: compression is post-processing of a private output, so the epsilon above "
+                           "is unchanged by it (for user-level DP the server clips the decoded update, which "
+                           "bounds its sensitivity whatever the client sent)."))
+    sample_path = run_dir / "sample.json"
+    if sample_path.is_file():
+        sample = _obj(_load_json(sample_path, "sample.json"), "sample.json")
+        prompt, text = _str(sample, "prompt", "sample.json") or "", _str(sample, "text", "sample.json") or ""
+        blocks += [
+            Para(f"A sample of the trained character language model (temperature "
+                 f"{_g(_num(sample, 'temperature', 'sample.json'))}, seed {_int(sample, 'seed', 'sample.json')}; "
+                 "prompt, then what the model wrote). Generated text is post-processing of the DP-trained model: "
+                 "drawing samples, any number of them, reads only the model and costs no privacy beyond what "
+                 "training spent. Write more with: fedpriv generate RUN_DIR --prompt TEXT"),
+            Code(prompt + text),
+        ]
+    return [Heading(2, "Post-processing (no privacy cost)"), *blocks] if blocks else []
 
 
 def render_reports(run_dir: str | Path) -> tuple[Path, Path]:

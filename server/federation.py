@@ -17,7 +17,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from client import DataConfig, TrainConfig, evaluate, load_dataset
+from client.compression import CompressionConfig
 from client.devices import resolve_device
+from client.textgen import TEXT_DATASETS, write_run_sample
 from models import build_model
 from privacy import DPConfig, PrivacyLedger
 from privacy.files import write_atomic
@@ -66,6 +68,7 @@ def run_federation(grid: Grid, run_config: Mapping[str, Any], *, progress: bool 
     train_cfg = TrainConfig.from_run_config(run_config)
     server_cfg = ServerConfig.from_run_config(run_config)
     dp = DPConfig.from_run_config(run_config)
+    CompressionConfig.from_run_config(run_config).check_strategy(server_cfg.strategy)  # before any training
     out_dir = Path(server_cfg.out_dir)
     resume_from = server_cfg.resume_from
 
@@ -159,6 +162,8 @@ def run_federation(grid: Grid, run_config: Mapping[str, Any], *, progress: bool 
     records.save_model(arrays.to_torch_state_dict())
     if auditor is not None:
         write_scores(out_dir, auditor)
+    if data_cfg.dataset in TEXT_DATASETS:  # a language model: a sample of its writing, shown in the report
+        write_run_sample(out_dir)
     if tracker is not None:
         from privacy.report import render_reports
 

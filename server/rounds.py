@@ -21,6 +21,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from client.compression import decompress_reply
 from server.checks import update_problem
 
 log = logging.getLogger("fedpriv")
@@ -172,6 +173,9 @@ class RoundRecord:
     privacy: list[dict[str, Any]] = field(default_factory=list)  # per-client ledger entries sent back with updates
     secagg: dict[str, Any] | None = None  # secure aggregation: stage reached, survivors, who was unmasked
     seconds: float = 0.0
+    # Bytes of model data the aggregated updates carried (client -> server), and what float weights would cost.
+    upload_bytes: int = 0
+    dense_bytes: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         """For metrics.json; the privacy entries (whole client ledgers) go to privacy.json instead."""
@@ -201,7 +205,8 @@ def _split_replies(replies: Iterable[Message], directory: ClientDirectory, refer
         if meta is not None and "refused" in meta:
             record.refused.append({"client_id": cid, "reason": str(meta["refused"])})
             continue
-        problem = update_problem(reply, reference) if check_arrays else (
+        # A compressed update is decoded to full weights first, so the checks and the strategy see weights.
+        problem = (decompress_reply(reply, reference) or update_problem(reply, reference)) if check_arrays else (
             f"client failed: {reply.error.reason}" if reply.has_error() else None)
         if problem is not None:
             log.warning("round %d: dropped the reply of client %s: %s", record.round, cid, problem)
@@ -250,6 +255,8 @@ def run_rounds(
             good = _split_replies(replies, directory, arrays, record, check_arrays=True)
             for reply in good:
                 record.train.append({"client_id": client_id_of(reply) or "?", "metrics": _metrics_of(reply)})
+            record.upload_bytes = int(sum(e["metrics"].get("upload-bytes", 0) for e in record.train))
+            record.dense_bytes = int(sum(e["metrics"].get("dense-bytes", 0) for e in record.train))
             if len(good) >= settings.min_clients:
                 new_arrays = aggregate(server_round, good, arrays)
                 if new_arrays is not None:

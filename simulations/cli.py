@@ -24,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     from privacy import register as register_budget
     from privacy.report import register as register_report
     from server.certs import register as register_certs
-    from simulations import audit, compare, simulate, sweep
+    from simulations import audit, compare, generate, simulate, sweep
     from simulations.serve import register as register_server
 
     parser = argparse.ArgumentParser(prog="fedpriv", description="Federated, differentially private training.")
@@ -39,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.register(sub)
     register_server(sub)
     register_client(sub)
+    generate.register(sub)
     return parser
 
 

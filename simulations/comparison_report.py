@@ -36,7 +36,7 @@ COLUMNS = ("setting", "partition", "alpha", "num_clients", "privacy", "target_ep
            "final_accuracy", "best_accuracy", "best_round", "final_f1_macro", "target_accuracy",
            "rounds_to_target", "passes_to_target", "epsilon", "delta", "client_accuracy_min",
            "client_accuracy_mean", "client_accuracy_max", "train_examples", "sgd_steps",
-           "max_client_steps_per_round", "seconds", "dropped_updates", "refused_updates", "run_dir")
+           "max_client_steps_per_round", "seconds", "dropped_updates", "refused_updates", "upload_bytes", "run_dir")
 FIG_WORK = "fig_accuracy_vs_work.png"
 FIG_EPSILON = "fig_accuracy_vs_epsilon.png"
 FIG_ALPHA = "fig_accuracy_vs_alpha.png"
@@ -74,6 +74,7 @@ def cell_row(cell: Cell, outcome: RunOutcome, out: Path, target_accuracy: float)
         "seconds": round(outcome.seconds, 2),
         "dropped_updates": outcome.dropped_updates,
         "refused_updates": outcome.refused_updates,
+        "upload_bytes": outcome.upload_bytes,
         "run_dir": str(outcome.run_dir.relative_to(out)) if outcome.run_dir.is_relative_to(out)
         else str(outcome.run_dir),
     }

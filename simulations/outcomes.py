@@ -39,6 +39,7 @@ class RunOutcome:
     seconds: float
     dropped_updates: int
     refused_updates: int
+    upload_bytes: int = 0  # model bytes the aggregated client updates carried, all rounds (see --compress)
 
     def client_spread(self) -> tuple[float | None, float | None, float | None]:
         """(min, mean, max) of the per-client accuracies, None when no client evaluated."""
@@ -102,6 +103,7 @@ def read_outcome(run_dir: str | Path, target_accuracy: float) -> RunOutcome:
         seconds=sum(float(r.get("seconds", 0.0)) for r in rounds),
         dropped_updates=sum(len(r.get("dropped", [])) for r in rounds),
         refused_updates=sum(len(r.get("refused", [])) for r in rounds),
+        upload_bytes=sum(int(r.get("upload_bytes", 0)) for r in rounds),
     )
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from client import ConfigError, DataConfig, DataError, TrainConfig
+from client.compression import CompressionConfig
 from client.config import with_recommended
 from client.devices import resolve_device
 from client.paths import input_dir, input_file, output_dir
@@ -25,7 +26,7 @@ from server import ServerConfig
 
 def default_run_config() -> dict[str, Any]:
     merged: dict[str, Any] = {}
-    for cls in (DataConfig, TrainConfig, ServerConfig, DPConfig, SecAggConfig):
+    for cls in (DataConfig, TrainConfig, ServerConfig, DPConfig, SecAggConfig, CompressionConfig):
         merged.update(cls.DEFAULTS)
     return merged
 
@@ -90,6 +91,11 @@ def validate(run_config: Mapping[str, Any]) -> Configs:
     configs = Configs(DataConfig.from_run_config(run_config), TrainConfig.from_run_config(run_config),
                       ServerConfig.from_run_config(run_config), DPConfig.from_run_config(run_config))
     resolve_device(configs.train.device)  # CUDA asked where there is none: an error now, not mid-run
+    compression = CompressionConfig.from_run_config(run_config)
+    compression.check_strategy(configs.server.strategy)
+    if compression.enabled and SecAggConfig.from_run_config(run_config).enabled:
+        raise ConfigError(f"compress = {compression.method} cannot be combined with secagg: the server sees only "
+                          "the masked sum, never a client's encoded update; use compress=none with secagg")
     # Imported here: torch and the model zoo cost seconds, which building the command line should not pay.
     from client import load_dataset, partition_data
     from models import build_model

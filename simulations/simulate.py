@@ -42,6 +42,7 @@ def add_run_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--proximal-mu", type=float, help="FedProx proximal term")
     g.add_argument("--seed", type=int)
     g.add_argument("--device", help="auto | cpu | cuda | cuda:N: clients' training and the server's evaluation")
+    g.add_argument("--compress", help="client updates as sent: none | int8 | topk:FRACTION (e.g. topk:0.01)")
     g.add_argument("--out", help="folder for the run's records")
     d = parser.add_argument_group("differential privacy")
     d.add_argument("--dp", help="none | sample | user | local | sample,user")
@@ -85,7 +86,7 @@ RUN_FLAGS = ["dataset", "data-dir", "model", "num-clients", "rounds", "fraction-
              "local-epochs", "batch-size", "optimizer", "lr", "momentum", "weight-decay", "partition", "strategy",
              "proximal-mu", "seed", "out", "dp", "max-grad-norm", "noise-multiplier", "target-epsilon", "delta",
              "accountant", "budget-epsilon", "budget-delta", "user-noise-multiplier", "user-clipping-norm",
-             "client-sampling", "secagg", "secagg-shares", "secagg-threshold", "secagg-bits", "device"]
+             "client-sampling", "secagg", "secagg-shares", "secagg-threshold", "secagg-bits", "device", "compress"]
 
 
 def node_configs(configs: Configs) -> list[dict[str, Any]]:

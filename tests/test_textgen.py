@@ -1,0 +1,116 @@
+"""`fedpriv generate`: sampling from a run's character model, its bad input, the run's sample and its report."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tomli_w
+import torch
+from torch import nn
+
+from client.datasets import OOV_ID, SHAKESPEARE_ALPHABET, SHAKESPEARE_VOCAB_SIZE, encode_text
+from client.textgen import SAMPLE_FILE, generate, perplexity, text_model, write_run_sample
+from simulations.cli import main
+from simulations.runconfig import resolve
+
+
+class NextLetter(nn.Module):
+    """A stand-in language model: certain that the character after the window's last is the next id;
+    with `unk_bias` it rates <unk> higher still, which generation must ignore."""
+
+    def __init__(self, unk_bias: bool = True) -> None:
+        super().__init__()
+        self.unk_bias = unk_bias
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        logits = torch.full((len(tokens), SHAKESPEARE_VOCAB_SIZE), -20.0)
+        logits[torch.arange(len(tokens)), (tokens[:, -1] + 1) % SHAKESPEARE_VOCAB_SIZE] = 20.0
+        if self.unk_bias:
+            logits[:, OOV_ID] = 30.0  # the most likely "character" of all is <unk>: it must never be written
+        return logits
+
+
+def fake_run(tmp_path: Path, model: str = "lstm", dataset: str = "shakespeare", **extra) -> Path:
+    out = tmp_path / f"run-{model}-{dataset}"
+    out.mkdir()
+    rc = resolve(None, {"dataset": dataset, "model": model, "partition": "natural", "num-clients": 4,
+                        "out-dir": str(out), **extra})
+    (out / "config.toml").write_text(tomli_w.dumps(rc))
+    if dataset == "shakespeare":
+        torch.manual_seed(0)
+        torch.save(text_model(rc).state_dict(), out / "model.pt")
+    return out
+
+
+def test_generation_follows_the_model_and_never_writes_unknown():
+    text = generate(NextLetter(), "abc", length=5, temperature=0.0)
+    assert text == "defgh"
+    # Sampling at a low temperature from a near-certain model writes the same; <unk> is masked out.
+    assert generate(NextLetter(), "abc", length=5, temperature=0.5, seed=3) == "defgh"
+
+
+def test_a_broken_sampler_would_be_caught_by_perplexity():
+    x = np.stack([encode_text(" " * 79 + c) for c in "abcdefgh"])
+    y = x[:, -1] + 1
+    assert perplexity(NextLetter(unk_bias=False), x, y) == pytest.approx(1.0, abs=1e-6)
+    assert perplexity(NextLetter(unk_bias=False), x, y + 1) > 1e10  # sure of the wrong character
+
+
+@pytest.mark.parametrize(("model", "length"), [("lstm", 12), ("transformer", 40)])
+def test_generate_command_is_seeded_and_uses_the_vocabulary(tmp_path, capsys, model, length):
+    run = fake_run(tmp_path, model)
+    outputs = []
+    for seed in (1, 1, 2):
+        assert main(["generate", str(run), "--prompt", "To be, or not", "--length", str(length),
+                     "--seed", str(seed)]) == 0
+        outputs.append(capsys.readouterr().out.rstrip("\n"))
+    assert outputs[0] == outputs[1] != outputs[2]
+    written = outputs[0][len("To be, or not"):]
+    assert outputs[0].startswith("To be, or not") and len(written) == length
+    assert set(written) <= set(SHAKESPEARE_ALPHABET)
+
+
+@pytest.mark.parametrize(("flags", "fragment"), [
+    (["--prompt", "naïve café ☃"], "characters the model's vocabulary lacks: 'é', 'ï', '☃'"),
+    (["--temperature", "-1"], "temperature -1.0 is not allowed"),
+    (["--length", "0"], "length 0 is not allowed"),
+])
+def test_bad_generate_input_is_one_line(tmp_path, capsys, flags, fragment):
+    run = fake_run(tmp_path)
+    assert main(["generate", str(run), *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert fragment in err and len(err.splitlines()) == 1 and err.startswith("fedpriv generate: error:")
+
+
+def test_generate_refuses_a_run_that_is_not_text(tmp_path, capsys):
+    run = fake_run(tmp_path, "mlp", "digits")
+    torch.save({}, run / "model.pt")
+    assert main(["generate", str(run)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "trained on 'digits', not on text" in err and len(err.splitlines()) == 1
+    assert main(["generate", str(tmp_path / "nowhere")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_dp_report_shows_the_sample_as_post_processing(tmp_path):
+    """A DP run's records plus the sample a language-model run writes: the report shows both, and says why
+    the sample costs nothing (the records of a small digits run stand in for a Shakespeare run's)."""
+    out = tmp_path / "dp"
+    assert main(["simulate", "--dataset", "digits", "--model", "mlp", "--num-clients", "2", "--rounds", "1",
+                 "--set", "dp=sample", "--set", "noise-multiplier=1.0", "--set", "delta=1e-3",
+                 "--compress", "int8", "--out", str(out)]) == 0
+    assert "Post-processing" in (out / "report.md").read_text()  # compression is named as post-processing
+    lm = fake_run(tmp_path)
+    write_run_sample(lm, length=40)
+    sample = json.loads((lm / SAMPLE_FILE).read_text())
+    assert len(sample["text"]) == 40 and "no privacy" in sample["note"]
+    (out / SAMPLE_FILE).write_text(json.dumps(sample))
+    assert main(["report", str(out)]) == 0
+    report = (out / "report.md").read_text()
+    assert sample["text"][:30] in report and "post-processing of the DP-trained model" in report
+    assert "compressed (int8) after DP-SGD" in report
+    assert math.isfinite(json.loads((out / "metrics.json").read_text())["rounds"][-1]["server"]["loss"])

@@ -5,7 +5,8 @@ Top level: schema_version, delta, sample_level, user_level, local, library_versi
   bits, survivors_per_round, distributed_dp (null or the Skellam plan and its epsilons)}.
   sample_level: null or {accountant, clients: [client, ...]}
     client: {client_id, num_examples, noise_multiplier, max_grad_norm, sample_rate, steps_per_round,
-             epsilon_per_round, rounds, epsilon, budget ({epsilon, delta} or null), refused_rounds}
+             epsilon_per_round, rounds, epsilon, budget ({epsilon, delta} or null), refused_rounds}, plus
+            optionally grad_sample_mode (bk, or the Opacus mode DP-SGD fell back to)
     (steps_per_round, epsilon_per_round and rounds run over the rounds the client took part in.)
   user_level: null or {accountant, noise_multiplier, clipping_norm, client_sampling, client_sampling_rate,
                        num_clients, epsilon_per_round, epsilon, epsilon_pld, clipping}
@@ -106,6 +107,10 @@ def read_privacy_record(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def _check_client(client: Any, where: str) -> None:
+    if isinstance(client, dict) and "grad_sample_mode" in client:  # optional: how DP-SGD took its gradients
+        if not isinstance(client["grad_sample_mode"], str):
+            raise _bad(where + "grad_sample_mode", client["grad_sample_mode"], "a string (bk, ghost, hooks, ...)")
+        client = {k: v for k, v in client.items() if k != "grad_sample_mode"}
     _exact_keys(client, _CLIENT_KEYS, where)
     cid = client["client_id"]
     if isinstance(cid, bool) or not isinstance(cid, (str, int)):

@@ -100,6 +100,9 @@ class PrivacyTracker:
                 "budget": ({"epsilon": budget_eps, "delta": float(c.settings["budget-delta"])}
                            if budget_eps > 0 else None),
                 "refused_rounds": sorted(c.refused_rounds),
+                # which DP-SGD implementation ran (bk, or the Opacus mode it fell back to); older clients omit it
+                **({"grad_sample_mode": str(c.settings["grad-sample-mode"])}
+                   if "grad-sample-mode" in c.settings else {}),
             })
         return {"accountant": self.dp.accountant, "clients": clients}
 

@@ -54,6 +54,7 @@ def test_composed_epsilon_matches_an_independent_accountant_and_grows(tmp_path):
     assert [c["client_id"] for c in clients] == ["0", "1", "2"]
     for c in clients:
         assert c["rounds"] == [1, 2, 3]
+        assert c["grad_sample_mode"] == "bk"  # the run names the DP-SGD it used: book-keeping covers this model
         eps = c["epsilon_per_round"]
         assert eps[0] < eps[1] < eps[2]  # composed, not per round
         assert c["epsilon"] == pytest.approx(independent_epsilon(c, 1e-3), rel=1e-9)

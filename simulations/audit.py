@@ -92,6 +92,8 @@ def run_audit(run_dir: str | Path, *, canaries: int = DEFAULT_CANARIES, confiden
 
     run_dir = Path(run_dir).resolve()
     config, dp = check_audit_inputs(run_dir, canaries, confidence)
+    # Flower logs every clipped update at INFO: with hundreds of canary clients that is most of a round's time.
+    logging.getLogger("flwr").setLevel(logging.WARNING)
     level = "sample" if "sample" in dp.modes else "user"
     audit_dir = run_dir / AUDIT_DIR
     if audit_dir.exists():

@@ -2,7 +2,8 @@
 
     python -m benchmarks.audit [--out benchmarks/results/audit.json] [--work /tmp/fedpriv-audit] [--quick]
 
-Sample level: Fashion-MNIST subset (class-stratified, seeded), MLP, 5 clients, DP-SGD on every client with the
+Sample level: Fashion-MNIST subset (3000 training, 1000 test images, class-stratified, seeded), MLP, 5 clients,
+2 rounds, DP-SGD on every client with the
 noise calibrated for a target epsilon over the run; canaries hosted by client 0. "No DP" is the same run with
 noise multiplier 1e-3 (clipping kept): what the canaries show when almost nothing protects them.
 User level: the same subset over 100 small clients, DP-FedAvg with Poisson client sampling; the noise
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 import time
@@ -29,6 +31,7 @@ from simulations.subsets import subset_data_dir
 
 TARGETS = (1.0, 3.0, 8.0, None)  # None = no DP (noise multiplier ~0)
 DELTA = 1e-5
+TRAIN_EXAMPLES = 3000  # the machine is shared by several jobs: each run must stay at a few minutes
 
 
 def user_noise_for(epsilon: float, rounds: int, rate: float, clients: int) -> float:
@@ -44,7 +47,7 @@ def user_noise_for(epsilon: float, rounds: int, rate: float, clients: int) -> fl
 def sample_config(data_dir: str, target: float | None, out: Path) -> dict[str, Any]:
     dp = {"target-epsilon": target} if target else {"noise-multiplier": 1e-3}
     return resolve(None, {"dataset": "fashion-mnist", "data-dir": data_dir, "model": "mlp", "num-clients": 5,
-                          "num-rounds": 3, "batch-size": 64, "learning-rate": 0.1, "momentum": 0.5,
+                          "num-rounds": 2, "batch-size": 64, "learning-rate": 0.1, "momentum": 0.5,
                           "dp": "sample", "delta": DELTA, "out-dir": str(out), **dp})
 
 
@@ -81,9 +84,10 @@ def main() -> None:
     parser.add_argument("--canaries", type=int, default=1000)
     parser.add_argument("--levels", default="sample,user")
     args = parser.parse_args()
+    logging.getLogger("flwr").setLevel(logging.WARNING)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    data_dir = subset_data_dir("fashion-mnist", "", 6000, 1000, work / "data")
+    data_dir = subset_data_dir("fashion-mnist", "", TRAIN_EXAMPLES, 1000, work / "data")
     rows = []
     for level in args.levels.split(","):
         for target in TARGETS:
@@ -93,6 +97,7 @@ def main() -> None:
             row = {"name": name, "target_epsilon": target, **one(level, config, args.canaries)}
             rows.append(row)
             print(json.dumps(row), flush=True)
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             Path(args.out).write_text(json.dumps({"load": os.getloadavg(), "rows": rows}, indent=1) + "\n")
     print("| level | target eps | accountant eps | m | bound | estimate | AUROC | seconds |")
     for r in rows:

@@ -158,3 +158,23 @@ def test_bad_input_is_one_line_and_leaves_the_run_folder_alone(tmp_path, capsys,
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
     assert _snapshot(run) == before
+
+
+def weaker_local_noise(monkeypatch) -> None:
+    """Fault injection: LocalDpMod adds a tenth of the noise its (epsilon, delta) calls for."""
+    import flwr.clientapp.mod.localdp_mod as ld
+
+    real = ld.add_gaussian_noise_inplace
+    monkeypatch.setattr(ld, "add_gaussian_noise_inplace", lambda arrays, std: real(arrays, 0.1 * std))
+
+
+def test_local_dp_audit_is_consistent_and_catches_weaker_noise(tmp_path, monkeypatch):
+    out = tmp_path / "local"
+    assert main(["simulate", "--dataset", "digits", "--model", "logreg", "--rounds", "4", "--num-clients", "3",
+                 "--dp", "local", "--set", "local-epsilon=0.25", "--delta", "1e-6", "--out", str(out)]) == 0
+    honest = run_audit(out, canaries=1000, seed=0)
+    assert honest["level"] == "local" and honest["verdict"] == "consistent"
+    assert honest["accountant_epsilon"] == pytest.approx(1.0) and honest["delta"] == pytest.approx(4e-6)
+    weaker_local_noise(monkeypatch)
+    broken = run_audit(out, canaries=1000, seed=0)
+    assert broken["verdict"] == "VIOLATION", broken

@@ -6,7 +6,8 @@ Sample level: Fashion-MNIST subset (3000 training, 1000 test images, class-strat
 2 rounds, DP-SGD on every client with the
 noise calibrated for a target epsilon over the run; canaries hosted by client 0. "No DP" is the same run with
 noise multiplier 1e-3 (clipping kept): what the canaries show when almost nothing protects them.
-User level: the same subset over 100 small clients (30 images each), logistic regression, 5 rounds, DP-FedAvg with Poisson client sampling; the noise
+User level: the same subset over 100 small clients (30 images each), logistic regression, 5 rounds,
+DP-FedAvg with Poisson client sampling (rate 0.2); the noise
 multiplier is calibrated here for each target epsilon with fedpriv's own accountant; "no DP" there is noise
 multiplier 0.3 (epsilon ~40).
 Each row = one training run (the run the audit re-runs) + one audited run; `seconds` is the audited run.

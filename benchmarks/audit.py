@@ -1,6 +1,6 @@
 """Empirical audit table: accountant epsilon against the one-run canary lower bound, per level and epsilon.
 
-    python -m benchmarks.audit [--out benchmarks/results/audit.json] [--work /tmp/fedpriv-audit] [--quick]
+    python -m benchmarks.audit [--levels sample,user] [--canaries 1000] [--out FILE.json] [--work DIR]
 
 Sample level: Fashion-MNIST subset (3000 training, 1000 test images, class-stratified, seeded), MLP, 5 clients,
 2 rounds, DP-SGD on every client with the

@@ -107,9 +107,11 @@ def test_user_level_audit_is_reproducible_removes_canaries_and_catches_weaker_no
     first = run_audit(user_run, canaries=300, seed=2)
     assert first["verdict"] == "consistent" and first["level"] == "user"
     scores = json.loads((user_run / "audit" / "canaries.json").read_text())["scores"]
-    # The canaries' contribution is taken out of the kept model: it is the model of the run without them.
+    # The canaries' contribution is taken out of the kept model: it is the model of the run without them, up
+    # to float32 rounding of Flower's mean over real and canary updates (~1e-3 in norm after 3 rounds here;
+    # the canaries themselves add ~0.2 per sampled canary client, about 1 in norm a round).
     kept, plain = torch.load(user_run / "audit" / "model.pt"), torch.load(user_run / "model.pt")
-    assert max(float((kept[k] - plain[k]).abs().max()) for k in plain) < 1e-5
+    assert sum(float(((kept[k] - plain[k]) ** 2).sum()) for k in plain) ** 0.5 < 0.01
     again = run_audit(user_run, canaries=300, seed=2)
     assert json.loads((user_run / "audit" / "canaries.json").read_text())["scores"] == scores
     assert {k: v for k, v in again.items() if k != "seconds"} == {k: v for k, v in first.items() if k != "seconds"}

@@ -76,8 +76,8 @@ class GradientCanaries:
 
 
 def client_direction(j: int, size: int, seed: int) -> np.ndarray:
-    """Canary client j's unit vector over the flattened model (float64, length `size`)."""
-    v = np.random.default_rng([seed, _DIRECTION, j]).standard_normal(size)
+    """Canary client j's unit vector over the flattened model (length `size`; float32 draws, twice as fast)."""
+    v = np.random.default_rng([seed, _DIRECTION, j]).standard_normal(size, dtype=np.float32).astype(np.float64)
     return v / np.linalg.norm(v)
 
 

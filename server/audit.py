@@ -5,6 +5,7 @@ canary by its coordinate's movement (times its sign) in the update the host send
 User level: m canary clients take part in DP-FedAvg like real clients (Poisson-sampled at the same rate, the
 same clipping and noise); each is scored by the inner product of its direction with the sum of the released
 noisy aggregates. Their contribution is then taken out of the model the run keeps (server/userdp.py).
+Local DP: m canary clients whose updates go through the clients' own LocalDpMod each round (LocalCanaries).
 The scores and the inclusion flags go to canaries.json in the run folder; privacy/audit.py turns them into
 a bound.
 """
@@ -110,8 +111,55 @@ class UserCanaries:
                 "rounds": self.rounds, "included": self.included.tolist(), "scores": scores}
 
 
-def build_auditor(dp: DPConfig, model: Any, arrays: ArrayRecord,
-                  fraction_train: float) -> SampleCanaryScores | UserCanaries | None:
+class LocalCanaries:
+    """Canary clients under local DP: every round each sends its update through the same LocalDpMod the real
+    clients use (client.app.local_dp): C times its direction if included, (almost) no change if not (the neighbour).
+    Score: the inner product of the privatized update with the direction, summed over rounds. The canaries
+    take part in every round and never enter the aggregate."""
+
+    level = "local"
+
+    def __init__(self, dp: DPConfig, run_config: dict[str, Any], arrays: ArrayRecord) -> None:
+        self.dp, self.run_config = dp, dict(run_config)
+        self.m, self.seed = dp.audit_canaries, dp.audit_seed
+        self.included = inclusion(self.m, self.seed)
+        self.size = int(sum(a.size for a in arrays.to_numpy_ndarrays()))
+        self.scores = np.zeros(self.m)
+        self.rounds: list[int] = []
+
+    def observe(self, server_round: int, _replies: list[Message], arrays: ArrayRecord) -> None:
+        from flwr.app import Context
+
+        from client.app import local_dp
+
+        context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config=self.run_config)
+        old = arrays.to_numpy_ndarrays()
+        flat_old = np.concatenate([a.ravel().astype(float) for a in old])
+        # LocalDpMod draws from numpy's global generator; seeding it per round makes audits reproducible.
+        np.random.seed([self.seed, 5, server_round])
+        for j in range(self.m):
+            u = client_direction(j, self.size, self.seed)
+            # Not included: (almost) no change. Flower's clipping divides by the update's norm (zero fails), so
+            # the neighbour moves by 1e-4 C along the same direction: the pair is at distance < C, never more.
+            step = self.dp.max_grad_norm * (u if self.included[j] else 1e-4 * u)
+            parts, start = {}, 0
+            for key, a in zip(arrays.keys(), old, strict=True):
+                parts[key] = Array(np.asarray(a + step[start:start + a.size].reshape(a.shape), dtype=a.dtype))
+                start += a.size
+            msg = Message(RecordDict({"arrays": arrays}), dst_node_id=0, message_type="train")
+            reply = Message(RecordDict({"arrays": ArrayRecord(parts)}), dst_node_id=0, message_type="train")
+            out = local_dp(msg, context, lambda _m, _c, r=reply: r)
+            sent = np.concatenate([a.ravel().astype(float) for a in out.content["arrays"].to_numpy_ndarrays()])
+            self.scores[j] += float(u @ (sent - flat_old))
+        self.rounds.append(server_round)
+
+    def record(self) -> dict[str, Any]:
+        return {"level": self.level, "host": "server (canary clients through LocalDpMod)", "rounds": self.rounds,
+                "included": self.included.tolist(), "scores": self.scores.tolist()}
+
+
+def build_auditor(dp: DPConfig, model: Any, arrays: ArrayRecord, fraction_train: float,
+                  run_config: dict[str, Any] | None = None) -> SampleCanaryScores | UserCanaries | LocalCanaries | None:
     """The run's auditor, or None when it is no audit run. `model`: the torch module whose named_parameters
     the clients' canaries are drawn over (the same names and sizes, hence the same coordinates)."""
     if not dp.audit_canaries:
@@ -120,11 +168,10 @@ def build_auditor(dp: DPConfig, model: Any, arrays: ArrayRecord,
         return SampleCanaryScores(dp, [(name, p.numel()) for name, p in model.named_parameters()])
     if "user" in dp.modes:
         return UserCanaries(dp, arrays, fraction_train)
-    raise PrivacyError(f"audit-canaries is set but dp={','.join(sorted(dp.modes))} has no canary audit yet; "
-                       "audit a run with dp=sample or dp=user")
+    return LocalCanaries(dp, run_config or {}, arrays)
 
 
-def write_scores(out_dir: str | Path, auditor: SampleCanaryScores | UserCanaries) -> Path:
+def write_scores(out_dir: str | Path, auditor: SampleCanaryScores | UserCanaries | LocalCanaries) -> Path:
     path = Path(out_dir) / SCORES_FILE
     record = {"canaries": int(len(auditor.included)), "seed": auditor.dp.audit_seed, **auditor.record()}
     write_atomic(path, (json.dumps(record, indent=1) + "\n").encode("utf-8"))

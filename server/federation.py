@@ -23,7 +23,7 @@ from client.textgen import TEXT_DATASETS, write_run_sample
 from models import build_model
 from privacy import DPConfig, PrivacyLedger
 from privacy.files import write_atomic
-from server.audit import SampleCanaryScores, build_auditor, write_scores
+from server.audit import LocalCanaries, SampleCanaryScores, UserCanaries, build_auditor, write_scores
 from server.config import ServerConfig
 from server.privacy_records import ClientPrivacy, PrivacyTracker
 from server.records import RunRecords
@@ -87,8 +87,8 @@ def run_federation(grid: Grid, run_config: Mapping[str, Any], *, progress: bool 
 
     aggregate = None
     # An audit run (fedpriv audit) scores canaries; None otherwise.
-    auditor = build_auditor(dp, model, ArrayRecord(model.state_dict()), server_cfg.fraction_train)
-    user_canaries = None if isinstance(auditor, SampleCanaryScores) else auditor
+    auditor = build_auditor(dp, model, ArrayRecord(model.state_dict()), server_cfg.fraction_train, dict(run_config))
+    user_canaries = auditor if isinstance(auditor, UserCanaries) else None
     if "user" in dp.modes:
         strategy: Strategy = build_user_dp_strategy(dp, data_cfg.num_clients, server_cfg.fraction_train)
 
@@ -97,7 +97,7 @@ def run_federation(grid: Grid, run_config: Mapping[str, Any], *, progress: bool 
                                      server_cfg.seed, canaries=user_canaries)
     else:
         strategy = build_strategy(server_cfg, proximal_mu=train_cfg.proximal_mu)
-    if isinstance(auditor, SampleCanaryScores):
+    if isinstance(auditor, SampleCanaryScores | LocalCanaries):
         inner = aggregate or (lambda r, replies, _arrays: strategy.aggregate_train(r, replies)[0])
 
         def aggregate(server_round: int, replies: list[Message], arrays: ArrayRecord) -> ArrayRecord | None:

@@ -116,9 +116,11 @@ def test_user_level_audit_is_reproducible_removes_canaries_and_catches_weaker_no
     first = run_audit(user_run, canaries=300, seed=2)
     assert first["verdict"] == "consistent" and first["level"] == "user"
     scores = json.loads((user_run / "audit" / "canaries.json").read_text())["scores"]
-    # The canaries' contribution is taken out of the kept model: it is the model of the run without them.
+    # The canaries' contribution is taken out of the kept model: it is the model of the run without them, up
+    # to float32 rounding of Flower's mean over real and canary updates (~1e-3 in norm after 3 rounds here;
+    # the canaries themselves add ~0.2 per sampled canary client, about 1 in norm a round).
     kept, plain = torch.load(user_run / "audit" / "model.pt"), torch.load(user_run / "model.pt")
-    assert max(float((kept[k] - plain[k]).abs().max()) for k in plain) < 1e-5
+    assert sum(float(((kept[k] - plain[k]) ** 2).sum()) for k in plain) ** 0.5 < 0.01
     again = run_audit(user_run, canaries=300, seed=2)
     assert json.loads((user_run / "audit" / "canaries.json").read_text())["scores"] == scores
     assert {k: v for k, v in again.items() if k != "seconds"} == {k: v for k, v in first.items() if k != "seconds"}
@@ -167,3 +169,23 @@ def test_bad_input_is_one_line_and_leaves_the_run_folder_alone(tmp_path, capsys,
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
     assert _snapshot(run) == before
+
+
+def weaker_local_noise(monkeypatch) -> None:
+    """Fault injection: LocalDpMod adds a tenth of the noise its (epsilon, delta) calls for."""
+    import flwr.clientapp.mod.localdp_mod as ld
+
+    real = ld.add_gaussian_noise_inplace
+    monkeypatch.setattr(ld, "add_gaussian_noise_inplace", lambda arrays, std: real(arrays, 0.1 * std))
+
+
+def test_local_dp_audit_is_consistent_and_catches_weaker_noise(tmp_path, monkeypatch):
+    out = tmp_path / "local"
+    assert main(["simulate", "--dataset", "digits", "--model", "logreg", "--rounds", "2", "--num-clients", "2",
+                 "--dp", "local", "--set", "local-epsilon=0.5", "--delta", "1e-6", "--out", str(out)]) == 0
+    honest = run_audit(out, canaries=500, seed=0)
+    assert honest["level"] == "local" and honest["verdict"] == "consistent"
+    assert honest["accountant_epsilon"] == pytest.approx(1.0) and honest["delta"] == pytest.approx(2e-6)
+    weaker_local_noise(monkeypatch)
+    broken = run_audit(out, canaries=500, seed=0)
+    assert broken["verdict"] == "VIOLATION", broken

@@ -38,6 +38,7 @@ class SampleCanaryScores:
         self.included = np.array([c.included for c in specs])
         self.scores = np.zeros(len(specs))
         self.rounds: list[int] = []
+        self.grad_sample_mode = ""  # what the host's DP-SGD ran (bk, or an Opacus mode), from its replies
         # Grouped by parameter: one fancy-index read per parameter and reply.
         self._by_name: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         for name in {c.name for c in specs}:
@@ -48,6 +49,9 @@ class SampleCanaryScores:
         for reply in replies:
             if client_id_of(reply) != self.dp.audit_host:
                 continue
+            privacy = reply.content.config_records.get("privacy")
+            if privacy is not None and "grad-sample-mode" in privacy:
+                self.grad_sample_mode = str(privacy["grad-sample-mode"])
             new = reply.content["arrays"]
             for name, (js, idx, sign) in self._by_name.items():
                 moved = new[name].numpy().ravel()[idx].astype(float) - arrays[name].numpy().ravel()[idx]
@@ -55,7 +59,7 @@ class SampleCanaryScores:
             self.rounds.append(server_round)
 
     def record(self) -> dict[str, Any]:
-        return {"level": self.level, "host": self.dp.audit_host, "grad_sample_mode": "hooks",
+        return {"level": self.level, "host": self.dp.audit_host, "grad_sample_mode": self.grad_sample_mode,
                 "rounds": self.rounds, "included": self.included.tolist(), "scores": self.scores.tolist()}
 
 

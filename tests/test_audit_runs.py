@@ -97,6 +97,7 @@ def test_gradient_canaries_are_seeded_and_sampled_at_rate_q():
 def test_sample_level_honest_is_consistent_and_weaker_noise_is_a_violation(sample_run, monkeypatch):
     honest = run_audit(sample_run, canaries=500, seed=1)
     assert honest["verdict"] == "consistent" and honest["level"] == "sample"
+    assert honest["grad_sample_mode"] == "bk"  # the canaries went through the run's own (book-keeping) DP-SGD
     assert honest["accountant_epsilon"] == pytest.approx(1.0, rel=0.05)
     assert honest["epsilon_lower_bound"] <= honest["accountant_epsilon"]
     report = (sample_run / "report.md").read_text()

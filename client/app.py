@@ -15,6 +15,7 @@ from flwr.clientapp.mod import LocalDpMod
 
 from client.config import DataConfig, TrainConfig
 from client.dpsgd import train_private
+from client.features import resolve_cache_dir, staged
 from client.guard import load_ledger, owner_budget, plan_round, save_ledger
 from client.task import ClientData, client_seed, file_data, partition_data
 from client.training import evaluate, train
@@ -66,6 +67,8 @@ def train_round(msg: Message, context: Context) -> Message:
     dp = DPConfig.from_run_config(context.run_config)
     seed = client_seed(data_cfg.seed, server_round, data.client_id)
     model = build_model(cfg.model, data.spec)  # a fresh module every round: Opacus cannot wrap one twice
+    # A model with a fixed feature stage (scatter-*) trains only its head, on features computed once (cached).
+    model, data = staged(model, data, resolve_cache_dir(cfg.feature_cache_dir))
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
     privacy = None
     if "sample" in dp.modes:
@@ -114,7 +117,7 @@ def evaluate_round(msg: Message, context: Context) -> Message:
     """Evaluates the global model on this client's held-out split."""
     data, _ = local_data(context)
     cfg = TrainConfig.from_run_config(context.run_config)
-    model = build_model(cfg.model, data.spec)
+    model, data = staged(build_model(cfg.model, data.spec), data, resolve_cache_dir(cfg.feature_cache_dir))
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
     metrics = evaluate(model, data.x_val, data.y_val) if len(data.y_val) else {}
     metrics["num-examples"] = len(data.y_val)

@@ -92,6 +92,7 @@ class TrainConfig:
     local_epochs: int = 1
     batch_size: int = 64
     proximal_mu: float = 0.0
+    feature_cache_dir: str = ""  # where fixed features (scatter-* models) are cached; "" = ~/.cache/fedpriv
 
     DEFAULTS: ClassVar[dict[str, Any]] = {
         "model": "cnn",
@@ -102,6 +103,7 @@ class TrainConfig:
         "local-epochs": 1,
         "batch-size": 64,
         "proximal-mu": 0.0,
+        "feature-cache-dir": "",
     }
 
     def __post_init__(self) -> None:
@@ -126,4 +128,5 @@ class TrainConfig:
             local_epochs=_positive("local-epochs", _get(rc, d, "local-epochs"), kind=int),
             batch_size=_positive("batch-size", _get(rc, d, "batch-size"), kind=int),
             proximal_mu=_positive("proximal-mu", _get(rc, d, "proximal-mu"), allow_zero=True),
+            feature_cache_dir=str(_get(rc, d, "feature-cache-dir")),
         )

@@ -17,10 +17,12 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from client import DataConfig, TrainConfig, evaluate, load_dataset
+from client.features import resolve_cache_dir, staged_test
 from models import build_model
 from privacy import DPConfig, PrivacyLedger
 from privacy.files import write_atomic
 from server.config import ServerConfig
+from server.ema import ModelEMA, prefixed, save_ema
 from server.privacy_records import ClientPrivacy, PrivacyTracker
 from server.records import RunRecords
 from server.rounds import LoopSettings, RoundRecord, run_rounds
@@ -42,6 +44,7 @@ class Checkpoint:
     strategy: Strategy
     privacy_clients: dict[str, tuple[str, dict[str, Any], list[int]]]
     user_rounds: int
+    ema: dict[str, Any] | None = None  # the moving average of the global model, when ema-decay > 0
 
     def save(self, out_dir: Path) -> None:
         buffer = io.BytesIO()
@@ -68,12 +71,21 @@ def run_federation(grid: Grid, run_config: Mapping[str, Any], *, progress: bool 
 
     dataset = load_dataset(data_cfg.dataset, data_cfg.data_dir or None)
     model = build_model(train_cfg.model, dataset.spec, seed=server_cfg.seed)
+    # A staged model (scatter-*): the federation averages its head; the test set goes through its fixed features.
+    model, x_test = staged_test(model, dataset.x_test, resolve_cache_dir(train_cfg.feature_cache_dir))
+    ema = ModelEMA(server_cfg.ema_decay) if server_cfg.ema_decay else None
     records = RunRecords(out_dir, run_config, keep_existing=bool(resume_from))
     tracker = PrivacyTracker(out_dir, dp, data_cfg.num_clients, server_cfg.fraction_train) if dp.modes else None
 
     def evaluate_global(server_round: int, arrays: ArrayRecord) -> dict[str, float]:
         model.load_state_dict(arrays.to_torch_state_dict())
-        return evaluate(model, dataset.x_test, dataset.y_test)
+        metrics = evaluate(model, x_test, dataset.y_test)
+        # run_rounds evaluates once per round, after aggregation: the one place to fold in the new model.
+        if ema is not None and server_round > 0:
+            average = ema.update({k: v.numpy() for k, v in arrays.to_torch_state_dict().items()})
+            model.load_state_dict({k: torch.from_numpy(v) for k, v in average.items()})
+            metrics.update(prefixed(evaluate(model, x_test, dataset.y_test)))
+        return metrics
 
     aggregate = None
     if "user" in dp.modes:
@@ -89,6 +101,8 @@ def run_federation(grid: Grid, run_config: Mapping[str, Any], *, progress: bool 
     if resume_from:
         ckpt = Checkpoint.load(Path(resume_from))
         start_round, strategy = ckpt.round + 1, ckpt.strategy
+        if ema is not None and ckpt.ema is not None:
+            ema.state = dict(ckpt.ema)
         arrays = ArrayRecord({k: torch.as_tensor(v) for k, v in ckpt.arrays.items()})
         if tracker is not None:
             tracker.server_rounds = ckpt.user_rounds
@@ -127,6 +141,7 @@ def run_federation(grid: Grid, run_config: Mapping[str, Any], *, progress: bool 
                 privacy_clients={cid: (c.ledger.to_json(), c.settings, c.refused_rounds)
                                  for cid, c in (tracker.clients.items() if tracker else [])},
                 user_rounds=tracker.server_rounds if tracker else 0,
+                ema=ema.state if ema is not None else None,
             ).save(out_dir)
             acc = record.server.get("accuracy", float("nan"))
             bar.update(task, completed=record.round, description=f"server accuracy {acc:.4f}")
@@ -134,6 +149,8 @@ def run_federation(grid: Grid, run_config: Mapping[str, Any], *, progress: bool 
         arrays = run_rounds(grid, strategy, arrays, settings, evaluate_global, on_round, aggregate)
 
     records.save_model(arrays.to_torch_state_dict())
+    if ema is not None and ema.state is not None:
+        save_ema(out_dir, ema.state)
     if tracker is not None:
         from privacy.report import render_reports
 

@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from client import ConfigError, DataConfig, DataError, TrainConfig, load_dataset, partition_data
-from models import build_model, check_trainable_with_dp
+from client.features import check_cache_dir
+from models import build_model, check_trainable_with_dp, split_stages
 from privacy import DPConfig, PrivacyError
 from server import ServerConfig
 
@@ -87,7 +88,9 @@ def validate(run_config: Mapping[str, Any]) -> Configs:
         raise DataError(f"num-clients = {configs.data.num_clients} is more than the {len(dataset.y_train)} training "
                         f"examples of {configs.data.dataset}; use fewer clients")
     first = partition_data(configs.data, 0)  # partitions are computed (and cached) here, so a bad spec fails now
-    model = build_model(configs.train.model, dataset.spec)
+    stage, model = split_stages(build_model(configs.train.model, dataset.spec))
+    if stage is not None:  # its features are cached on disk: an unwritable folder must fail now
+        check_cache_dir(configs.train.feature_cache_dir)
     check_dp(configs, model, first.num_examples)
     return configs
 

@@ -17,6 +17,7 @@ from models import ModelError, StagedModel, TaskSpec, build_model, check_trainab
 from simulations.runconfig import resolve, validate
 
 FMNIST = TaskSpec((1, 28, 28), 10)
+SMALL = TaskSpec((1, 8, 8), 10)  # the cache tests use 8x8 images: the transform costs far less there
 
 
 @pytest.fixture(autouse=True)
@@ -26,8 +27,13 @@ def _fresh_memory_cache():
     features._memory.clear()
 
 
-def images(n: int, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).normal(size=(n, 1, 28, 28)).astype(np.float32)
+def images(n: int, seed: int = 0, side: int = 8) -> np.ndarray:
+    return np.random.default_rng(seed).normal(size=(n, 1, side, side)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def stage():
+    return split_stages(build_model("scatter-linear", SMALL))[0]
 
 
 @pytest.mark.parametrize("name", ["scatter-linear", "scatter-cnn"])
@@ -38,15 +44,15 @@ def test_scatter_models_pass_opacus_and_take_a_dp_step_on_the_head_only(name):
     check_trainable_with_dp(model)
     check_trainable_with_dp(head)
     assert not any(True for _ in stage.parameters())  # the transform has nothing to train, so costs no privacy
-    x = images(64)
+    x = images(16, side=28)
     feats = stage(torch.from_numpy(x)).numpy()
-    assert feats.shape == (64, 81, 7, 7)
+    assert feats.shape == (16, 81, 7, 7)
     # The whole model and head(features) are the same function.
     with torch.no_grad():
         torch.testing.assert_close(model(torch.from_numpy(x[:4])), head(torch.from_numpy(feats[:4])))
     before = {k: v.clone() for k, v in head.state_dict().items()}
-    y = np.arange(64, dtype=np.int64) % 10
-    cfg = TrainConfig(model=name, batch_size=32, learning_rate=1.0)
+    y = np.arange(16, dtype=np.int64) % 10
+    cfg = TrainConfig(model=name, batch_size=8, learning_rate=1.0)
     result = train_private(head, feats, y, cfg, noise_multiplier=1.0, max_grad_norm=0.1, seed=0)
     assert result["steps"] == 2
     assert set(head.state_dict()) == set(before)  # no `_module.` prefix, no kymatio buffers
@@ -76,12 +82,11 @@ def test_scipy_shim_gives_the_old_sph_harm_argument_order():
     assert scipy.special.sph_harm(1, 1, azimuth, polar) == pytest.approx(expected)
 
 
-def test_cache_computes_once_then_reads_the_file(tmp_path, monkeypatch):
-    stage, _ = split_stages(build_model("scatter-linear", FMNIST))
+def test_cache_computes_once_then_reads_the_file(stage, tmp_path, monkeypatch):
     x = images(20)
     first = cached_features(stage, x, tmp_path)
     np.testing.assert_allclose(first, stage(torch.from_numpy(x)).numpy(), rtol=1e-6)
-    assert len(list(tmp_path.glob("*.npy"))) == 1
+    assert len(list(tmp_path.glob("*/*.npy"))) == 2  # the features and their row digests
     features._memory.clear()
 
     def refuse(*_args):
@@ -95,12 +100,11 @@ def test_cache_computes_once_then_reads_the_file(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("damage", ["flip-byte", "truncate", "wrong-shape", "no-digest"])
-def test_corrupt_or_stale_cache_is_recomputed_never_used(tmp_path, damage):
-    stage, _ = split_stages(build_model("scatter-linear", FMNIST))
+def test_corrupt_or_stale_cache_is_recomputed_never_used(stage, tmp_path, damage):
     x = images(12)
     good = cached_features(stage, x, tmp_path).copy()
     features._memory.clear()
-    [path] = tmp_path.glob("*.npy")
+    [path] = [p for p in tmp_path.glob("*/*.npy") if not p.name.endswith(".rows.npy")]
     payload = bytearray(path.read_bytes())
     if damage == "flip-byte":
         payload[-5] ^= 0xFF  # inside the float data: np.load alone would not notice
@@ -114,7 +118,8 @@ def test_corrupt_or_stale_cache_is_recomputed_never_used(tmp_path, damage):
         buffer = io.BytesIO()
         np.save(buffer, good[:5])
         path.write_bytes(buffer.getvalue())
-        path.with_suffix(".sha256").write_text(hashlib.sha256(buffer.getvalue()).hexdigest())
+        digests = path.with_suffix(".sha256").read_text().split()
+        path.with_suffix(".sha256").write_text(f"{hashlib.sha256(buffer.getvalue()).hexdigest()}\n{digests[1]}\n")
     else:
         path.with_suffix(".sha256").unlink()
     again = cached_features(stage, x, tmp_path)
@@ -123,14 +128,37 @@ def test_corrupt_or_stale_cache_is_recomputed_never_used(tmp_path, damage):
     np.testing.assert_array_equal(cached_features(stage, x, tmp_path), good)  # and the file was repaired
 
 
+def test_rows_seen_in_another_file_are_copied_not_recomputed(stage, tmp_path, monkeypatch):
+    x = images(16)
+    whole = cached_features(stage, x, tmp_path).copy()
+    features._memory.clear()
+    computed: list[int] = []
+    real = features.compute_features
+    monkeypatch.setattr(features, "compute_features", lambda st, rows: computed.append(len(rows)) or real(st, rows))
+    extra = images(3, seed=5)
+    part = np.concatenate([x[[9, 2, 7]], extra])  # another partition: three known rows, three new ones
+    got = cached_features(stage, part, tmp_path)
+    assert computed == [3]
+    np.testing.assert_array_equal(got[:3], whole[[9, 2, 7]])
+    np.testing.assert_allclose(got[3:], stage(torch.from_numpy(extra)).numpy(), rtol=1e-6)
+    # A corrupt bank is never copied from: its rows are transformed again.
+    features._memory.clear()
+    for p in tmp_path.glob("*/*.sha256"):
+        p.write_text("0\n0\n")
+    computed.clear()
+    np.testing.assert_array_equal(cached_features(stage, x[[1, 4]], tmp_path), whole[[1, 4]])
+    assert computed == [2]
+
+
 def test_staged_turns_client_data_into_features_and_leaves_plain_models_alone(tmp_path):
     x = images(10)
     y = np.arange(10, dtype=np.int64)
-    data = ClientData("0", x[:8], y[:8], x[8:], y[8:], FMNIST)
-    head, seen = staged(build_model("scatter-cnn", FMNIST), data, tmp_path)
-    assert seen.x_train.shape == (8, 81, 7, 7) and seen.x_val.shape == (2, 81, 7, 7)
-    assert seen.spec.input_shape == (81, 7, 7) and seen.num_examples == 8
-    cnn = build_model("cnn", FMNIST)
+    data = ClientData("0", x[:8], y[:8], x[8:], y[8:], SMALL)
+    head, seen = staged(build_model("scatter-cnn", SMALL), data, tmp_path)
+    assert seen.x_train.shape == (8, 81, 2, 2) and seen.x_val.shape == (2, 81, 2, 2)
+    assert seen.spec.input_shape == (81, 2, 2) and seen.num_examples == 8
+    assert set(head.state_dict()) == set(split_stages(build_model("scatter-cnn", SMALL))[1].state_dict())
+    cnn = build_model("cnn", SMALL)
     same, untouched = staged(cnn, data, tmp_path)
     assert same is cnn and untouched is data
 

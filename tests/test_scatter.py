@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -182,3 +183,14 @@ def test_scatter_model_on_tabular_data_fails_validation_before_training(tmp_path
                             "feature-cache-dir": str(tmp_path / "cache"), "out-dir": str(tmp_path / "run")})
     with pytest.raises(ModelError, match="model 'scatter-cnn' needs 2-D images.*models that fit: "):
         validate(config)
+
+
+@pytest.mark.parametrize("name, clients", [("fmnist_dp_recipe.toml", 10), ("fmnist_dp_recipe_central.toml", 1)])
+def test_checked_in_recipes_resolve_and_validate_as_they_are(tmp_path, name, clients):
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "configs" / name
+    config = resolve(path, {"feature-cache-dir": str(tmp_path / "cache")})
+    assert (config["num-clients"], config["partition"], config["dp"]) == (clients, "iid", "sample")
+    assert (config["target-epsilon"], config["delta"], config["accountant"]) == (3.0, 1e-5, "pld")
+    assert config["model"].startswith("scatter-") and 0 < config["ema-decay"] < 1
+    configs = validate(config)
+    assert configs.server.ema_decay == config["ema-decay"]

@@ -72,6 +72,8 @@ class ScatterFeatures(nn.Module):
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if len(x) == 0:  # Poisson sampling draws empty batches; kymatio cannot transform one
+            return x.new_zeros((0, *self.output_shape))
         out = self.scattering(x.contiguous())  # (N, C, 81, H/4, W/4)
         return out.reshape(len(x), *self.output_shape)
 

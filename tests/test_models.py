@@ -39,6 +39,10 @@ CASES = [
     ("cnn", IMAGE8),
     ("resnet", IMAGE28),
     ("resnet", IMAGE8),
+    ("scatter-linear", IMAGE28),
+    ("scatter-linear", IMAGE8),
+    ("scatter-cnn", IMAGE28),
+    ("scatter-cnn", IMAGE8),
     ("lstm", SEQUENCE),
     ("transformer", SEQUENCE),
 ]
@@ -67,7 +71,8 @@ def _batch(spec: TaskSpec, n: int, seed: int = 0) -> tuple[torch.Tensor, torch.T
 
 def test_every_registered_model_is_covered():
     assert sorted({name for name, _ in CASES}) == model_names()
-    assert model_names() == ["cnn", "logreg", "lstm", "mlp", "resnet", "transformer"]
+    assert model_names() == ["cnn", "logreg", "lstm", "mlp", "resnet", "scatter-cnn", "scatter-linear",
+                             "transformer"]
 
 
 @pytest.mark.parametrize(("name", "spec"), CASES, ids=CASE_IDS)

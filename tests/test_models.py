@@ -175,7 +175,7 @@ def test_unknown_model_names_the_choices():
     with pytest.raises(ModelError) as err:
         build_model("foo", IMAGE28)
     assert str(err.value) == (
-        "unknown model 'foo'; choose one of: cnn, logreg, lstm, mlp, resnet, transformer"
+        "unknown model 'foo'; choose one of: cnn, logreg, lstm, mlp, resnet, scatter-cnn, scatter-linear, transformer"
     )
 
 
@@ -186,13 +186,13 @@ def test_unknown_model_names_the_choices():
             "cnn",
             TaskSpec(input_shape=(3, 32, 32), num_classes=10),
             "model 'cnn' needs 28x28 or 8x8 images, but the dataset gives 3x32x32 images; "
-            "models that fit: logreg, mlp, resnet",
+            "models that fit: logreg, mlp, resnet, scatter-cnn, scatter-linear",
         ),
         (
             "lstm",
             IMAGE28,
             "model 'lstm' needs token sequences, but the dataset gives 1x28x28 images; "
-            "models that fit: cnn, logreg, mlp, resnet",
+            "models that fit: cnn, logreg, mlp, resnet, scatter-cnn, scatter-linear",
         ),
         (
             "mlp",

@@ -16,6 +16,7 @@ from flwr.clientapp.mod import LocalDpMod
 from client.compression import compress_update
 from client.config import DataConfig, TrainConfig
 from client.devices import client_device
+from client.features import resolve_cache_dir, staged
 from client.guard import load_ledger, owner_budget, plan_round, save_ledger
 from client.reuse import load_global, reusable_model, reusable_optimizer
 from client.secagg import register as register_secagg
@@ -71,10 +72,13 @@ def train_round(msg: Message, context: Context) -> Message:
     dp = DPConfig.from_run_config(context.run_config)
     seed = client_seed(data_cfg.seed, server_round, data.client_id)
     device = client_device(context.run_config, context.node_config)
+    cache_dir = resolve_cache_dir(cfg.feature_cache_dir)
     privacy = None
     if "sample" in dp.modes:
-        # Opacus: a fresh module (it cannot wrap one twice)
-        model = load_global(build_model(cfg.model, data.spec), msg.content["arrays"]).to(device)
+        # A fresh module (Opacus cannot wrap one twice). A model with a fixed feature stage (scatter-*) trains
+        # only its head, on features computed once (cached).
+        model, data = staged(build_model(cfg.model, data.spec), data, cache_dir)
+        model = load_global(model, msg.content["arrays"]).to(device)
         ledger = load_ledger(context, data.client_id)
         budget = owner_budget(dp, context)
         # The client calibrates for every round the run may sample it for; its guard refuses any beyond.
@@ -98,7 +102,8 @@ def train_round(msg: Message, context: Context) -> Message:
         privacy["grad-sample-mode"] = str(result["grad-sample-mode"])  # bk, or the Opacus mode it fell back to
     else:
         # The process's own module and optimizer, weights loaded in place, state cleared (client/reuse.py).
-        model = load_global(reusable_model(cfg.model, data.spec), msg.content["arrays"]).to(device)
+        model, data = staged(reusable_model(cfg.model, data.spec), data, cache_dir)
+        model = load_global(model, msg.content["arrays"]).to(device)
         result = train(model, data.x_train, data.y_train, cfg, seed=seed, optimizer=reusable_optimizer(model, cfg))
     metrics = MetricRecord({"train_loss": result["loss"], "train_accuracy": result["accuracy"],
                             "steps": result["steps"], "num-examples": data.num_examples,
@@ -138,7 +143,8 @@ def evaluate_round(msg: Message, context: Context) -> Message:
     cfg = TrainConfig.from_run_config(context.run_config)
     metrics = {}
     if len(data.y_val):
-        model = load_global(reusable_model(cfg.model, data.spec), msg.content["arrays"])
+        model, data = staged(reusable_model(cfg.model, data.spec), data, resolve_cache_dir(cfg.feature_cache_dir))
+        model = load_global(model, msg.content["arrays"])
         metrics = evaluate(model.to(client_device(context.run_config, context.node_config)), data.x_val, data.y_val)
     metrics["num-examples"] = len(data.y_val)
     return Message(RecordDict({"metrics": MetricRecord(metrics), "meta": _meta(data)}), reply_to=msg)

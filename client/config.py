@@ -134,6 +134,7 @@ class TrainConfig:
     proximal_mu: float = 0.0
     grad_sample_mode: str = "auto"
     device: str = "cpu"
+    feature_cache_dir: str = ""  # where fixed features (scatter-* models) are cached; "" = ~/.cache/fedpriv
 
     DEFAULTS: ClassVar[dict[str, Any]] = {
         "model": "cnn",
@@ -146,6 +147,7 @@ class TrainConfig:
         "proximal-mu": 0.0,
         "grad-sample-mode": "auto",
         "device": "cpu",  # auto | cpu | cuda | cuda:N: clients' training and the server's evaluation
+        "feature-cache-dir": "",
     }
 
     def __post_init__(self) -> None:
@@ -179,4 +181,5 @@ class TrainConfig:
             proximal_mu=_positive("proximal-mu", _get(rc, d, "proximal-mu"), allow_zero=True),
             grad_sample_mode=str(_get(rc, d, "grad-sample-mode")).lower(),
             device=str(_get(rc, d, "device")).strip().lower(),
+            feature_cache_dir=str(_get(rc, d, "feature-cache-dir")),
         )

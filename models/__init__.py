@@ -16,6 +16,7 @@ from models.task import ModelError, TaskSpec
 _EXPORTS = {
     "build_model": "models.registry", "model_names": "models.registry", "register_model": "models.registry",
     "check_trainable_with_dp": "models.dp_check",
+    "split_stages": "models.scatter", "StagedModel": "models.scatter",
 }
 
 __all__ = ["ModelError", "TaskSpec", *sorted(_EXPORTS)]
@@ -26,7 +27,7 @@ def __getattr__(name: str) -> Any:
         raise AttributeError(f"module 'models' has no attribute {name!r}")
     module = importlib.import_module(_EXPORTS[name])
     # Imported for their @register_model side effect: this fills the registry.
-    from models import dense, sequence, vision  # noqa: F401
+    from models import dense, scatter, sequence, vision  # noqa: F401
 
     value = getattr(module, name)
     globals()[name] = value

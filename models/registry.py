@@ -14,7 +14,7 @@ from models.task import TASK_KINDS, ModelError, TaskKind, TaskSpec
 Factory = Callable[[TaskSpec], nn.Module]
 Fits = Callable[[TaskSpec], bool]
 
-_NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_]*$")
+_NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_-]*$")
 _KIND_WORDS = {"image": "images", "tabular": "tabular rows", "sequence": "token sequences"}
 
 
@@ -48,7 +48,7 @@ def register_model(
     if not isinstance(name, str) or not _NAME_PATTERN.match(name):
         raise ModelError(
             f"model name {name!r} is not allowed; "
-            "use lowercase letters, digits and '_', starting with a letter"
+            "use lowercase letters, digits, '_' and '-', starting with a letter"
         )
     kinds = tuple(kinds)
     bad = [k for k in kinds if k not in TASK_KINDS]

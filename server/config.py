@@ -26,6 +26,7 @@ class ServerConfig:
     round_timeout: float = 3600.0
     out_dir: str = "runs/latest"
     resume_from: str = ""  # a run folder whose checkpoint.pt to continue from; "" = a fresh run
+    ema_decay: float = 0.0  # exponential moving average of the global model (server/ema.py); 0 = off
     seed: int = 42
 
     DEFAULTS: ClassVar[dict[str, Any]] = {
@@ -42,6 +43,7 @@ class ServerConfig:
         "round-timeout": 3600.0,
         "out-dir": "runs/latest",
         "resume-from": "",
+        "ema-decay": 0.0,
     }
 
     def __post_init__(self) -> None:
@@ -62,6 +64,9 @@ class ServerConfig:
             raise ConfigError(f"server-learning-rate = {self.server_learning_rate} must be > 0")
         if not 0.0 <= self.server_momentum < 1.0:
             raise ConfigError(f"server-momentum = {self.server_momentum} is out of range; it must be in [0, 1)")
+        if self.ema_decay != 0.0 and not 0.0 < self.ema_decay < 1.0:
+            raise ConfigError(f"ema-decay = {self.ema_decay} is out of range; it must be in (0, 1), e.g. 0.9, "
+                              "or 0 to switch the moving average off")
         if self.krum_malicious < 0 or self.min_clients < 1 or self.round_timeout <= 0:
             raise ConfigError("krum-malicious must be >= 0, min-clients >= 1 and round-timeout > 0")
 
@@ -90,5 +95,6 @@ class ServerConfig:
             round_timeout=get("round-timeout", float),
             out_dir=get("out-dir", str),
             resume_from=get("resume-from", str),
+            ema_decay=get("ema-decay", float),
             seed=get("seed", int),
         )

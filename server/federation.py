@@ -19,12 +19,14 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from client import DataConfig, TrainConfig, evaluate, load_dataset
 from client.compression import CompressionConfig
 from client.devices import resolve_device
+from client.features import resolve_cache_dir, staged_test
 from client.textgen import TEXT_DATASETS, write_run_sample
 from models import build_model
 from privacy import DPConfig, PrivacyLedger
 from privacy.files import write_atomic
 from server.audit import LocalCanaries, SampleCanaryScores, UserCanaries, build_auditor, write_scores
 from server.config import ServerConfig
+from server.ema import ModelEMA, prefixed, save_ema
 from server.privacy_records import ClientPrivacy, PrivacyTracker
 from server.records import RunRecords
 from server.rounds import LoopSettings, RoundRecord, run_rounds
@@ -47,6 +49,7 @@ class Checkpoint:
     strategy: Strategy
     privacy_clients: dict[str, tuple[str, dict[str, Any], list[int]]]
     user_rounds: int
+    ema: dict[str, Any] | None = None  # the moving average of the global model, when ema-decay > 0
 
     def save(self, out_dir: Path) -> None:
         buffer = io.BytesIO()
@@ -75,15 +78,27 @@ def run_federation(grid: Grid, run_config: Mapping[str, Any], *, progress: bool 
     dataset = load_dataset(data_cfg.dataset, data_cfg.data_dir or None)
     model = build_model(train_cfg.model, dataset.spec, seed=server_cfg.seed)
     device = resolve_device(train_cfg.device)
+    # A staged model (scatter-*): the federation averages its head; the test set goes through its fixed features.
+    model, x_test = staged_test(model, dataset.x_test, resolve_cache_dir(train_cfg.feature_cache_dir))
+    ema = ModelEMA(server_cfg.ema_decay) if server_cfg.ema_decay else None
     records = RunRecords(out_dir, run_config, keep_existing=bool(resume_from))
     tracker = PrivacyTracker(out_dir, dp, data_cfg.num_clients, server_cfg.fraction_train) if dp.modes else None
 
     def evaluate_global(server_round: int, arrays: ArrayRecord) -> dict[str, float]:
         model.load_state_dict(arrays.to_torch_state_dict())
+        metrics = evaluate_on_device(model)
+        # run_rounds evaluates once per round, after aggregation: the one place to fold in the new model.
+        if ema is not None and server_round > 0:
+            average = ema.update({k: v.numpy() for k, v in arrays.to_torch_state_dict().items()})
+            model.load_state_dict({k: torch.from_numpy(v) for k, v in average.items()})
+            metrics.update(prefixed(evaluate_on_device(model)))
+        return metrics
+
+    def evaluate_on_device(module: torch.nn.Module) -> dict[str, float]:
         try:  # on the run's device, and back: model.pt and the first round's arrays stay host tensors
-            return evaluate(model.to(device), dataset.x_test, dataset.y_test)
+            return evaluate(module.to(device), x_test, dataset.y_test)
         finally:
-            model.cpu()
+            module.cpu()
 
     aggregate = None
     # An audit run (fedpriv audit) scores canaries; None otherwise.
@@ -110,6 +125,8 @@ def run_federation(grid: Grid, run_config: Mapping[str, Any], *, progress: bool 
     if resume_from:
         ckpt = Checkpoint.load(Path(resume_from))
         start_round, strategy = ckpt.round + 1, ckpt.strategy
+        if ema is not None and ckpt.ema is not None:
+            ema.state = dict(ckpt.ema)
         arrays = ArrayRecord({k: torch.as_tensor(v) for k, v in ckpt.arrays.items()})
         if tracker is not None:
             tracker.server_rounds = ckpt.user_rounds
@@ -149,6 +166,7 @@ def run_federation(grid: Grid, run_config: Mapping[str, Any], *, progress: bool 
                 privacy_clients={cid: (c.ledger.to_json(), c.settings, c.refused_rounds)
                                  for cid, c in (tracker.clients.items() if tracker else [])},
                 user_rounds=tracker.server_rounds if tracker else 0,
+                ema=ema.state if ema is not None else None,
             ).save(out_dir)
             acc = record.server.get("accuracy", float("nan"))
             bar.update(task, completed=record.round, description=f"server accuracy {acc:.4f}")
@@ -160,6 +178,8 @@ def run_federation(grid: Grid, run_config: Mapping[str, Any], *, progress: bool 
             records.flush()
 
     records.save_model(arrays.to_torch_state_dict())
+    if ema is not None and ema.state is not None:
+        save_ema(out_dir, ema.state)
     if auditor is not None:
         write_scores(out_dir, auditor)
     if data_cfg.dataset in TEXT_DATASETS:  # a language model: a sample of its writing, shown in the report

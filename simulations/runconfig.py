@@ -98,14 +98,17 @@ def validate(run_config: Mapping[str, Any]) -> Configs:
                           "the masked sum, never a client's encoded update; use compress=none with secagg")
     # Imported here: torch and the model zoo cost seconds, which building the command line should not pay.
     from client import load_dataset, partition_data
-    from models import build_model
+    from client.features import check_cache_dir
+    from models import build_model, split_stages
 
     dataset = load_dataset(configs.data.dataset, configs.data.data_dir or None)
     if configs.data.num_clients > len(dataset.y_train):
         raise DataError(f"num-clients = {configs.data.num_clients} is more than the {len(dataset.y_train)} training "
                         f"examples of {configs.data.dataset}; use fewer clients")
     first = partition_data(configs.data, 0)  # partitions are computed (and cached) here, so a bad spec fails now
-    model = build_model(configs.train.model, dataset.spec)
+    stage, model = split_stages(build_model(configs.train.model, dataset.spec))
+    if stage is not None:  # its features are cached on disk: an unwritable folder must fail now
+        check_cache_dir(configs.train.feature_cache_dir)
     check_dp(configs, model, first.num_examples)
     check_secagg(run_config, configs, model)
     return configs

@@ -39,6 +39,10 @@ CASES = [
     ("cnn", IMAGE8),
     ("resnet", IMAGE28),
     ("resnet", IMAGE8),
+    ("scatter-linear", IMAGE28),
+    ("scatter-linear", IMAGE8),
+    ("scatter-cnn", IMAGE28),
+    ("scatter-cnn", IMAGE8),
     ("lstm", SEQUENCE),
     ("transformer", SEQUENCE),
 ]
@@ -67,7 +71,8 @@ def _batch(spec: TaskSpec, n: int, seed: int = 0) -> tuple[torch.Tensor, torch.T
 
 def test_every_registered_model_is_covered():
     assert sorted({name for name, _ in CASES}) == model_names()
-    assert model_names() == ["cnn", "logreg", "lstm", "mlp", "resnet", "transformer"]
+    assert model_names() == ["cnn", "logreg", "lstm", "mlp", "resnet", "scatter-cnn", "scatter-linear",
+                             "transformer"]
 
 
 @pytest.mark.parametrize(("name", "spec"), CASES, ids=CASE_IDS)
@@ -170,7 +175,7 @@ def test_unknown_model_names_the_choices():
     with pytest.raises(ModelError) as err:
         build_model("foo", IMAGE28)
     assert str(err.value) == (
-        "unknown model 'foo'; choose one of: cnn, logreg, lstm, mlp, resnet, transformer"
+        "unknown model 'foo'; choose one of: cnn, logreg, lstm, mlp, resnet, scatter-cnn, scatter-linear, transformer"
     )
 
 
@@ -181,13 +186,13 @@ def test_unknown_model_names_the_choices():
             "cnn",
             TaskSpec(input_shape=(3, 32, 32), num_classes=10),
             "model 'cnn' needs 28x28 or 8x8 images, but the dataset gives 3x32x32 images; "
-            "models that fit: logreg, mlp, resnet",
+            "models that fit: logreg, mlp, resnet, scatter-cnn, scatter-linear",
         ),
         (
             "lstm",
             IMAGE28,
             "model 'lstm' needs token sequences, but the dataset gives 1x28x28 images; "
-            "models that fit: cnn, logreg, mlp, resnet",
+            "models that fit: cnn, logreg, mlp, resnet, scatter-cnn, scatter-linear",
         ),
         (
             "mlp",

@@ -37,7 +37,8 @@ def user_run(tmp_path_factory) -> Path:
     # lr and local epochs pinned (not the recommended digits settings): the canary-removal check below is sized
     # for the float32 rounding of this run's means (~1e-3 in norm), which grows with the size of the updates.
     assert main(["simulate", *DIGITS, "--num-clients", "10", "--fraction-train", "0.5", "--batch-size", "32",
-                 "--lr", "0.05", "--local-epochs", "1", "--dp", "user", "--user-noise-multiplier", "4", "--delta", "1e-5", "--out", str(out)]) == 0
+                 "--lr", "0.05", "--local-epochs", "1", "--dp", "user", "--user-noise-multiplier", "4",
+                 "--delta", "1e-5", "--out", str(out)]) == 0
     return out
 
 

@@ -25,6 +25,13 @@ A grid comes from a TOML file (`--config`) or a preset (simulations/presets/NAME
 
     [dp-run]                       # optional: keys for the DP cells only (centralized and federated alike)
     batch-size = 256
+
+    [arms.recipe]                  # optional: named variants, each run over the whole grid (e.g. two models);
+    model = "scatter-linear"       # keys over [run] (and [dp-run]) for this arm's cells
+    [arms.recipe.dp-run]           # over that, for the arm's DP cells
+    learning-rate = 16.0
+    [arms.recipe.centralized]      # over all of that, for the arm's centralized cells
+    batch-size = 8192
 """
 
 from __future__ import annotations
@@ -45,13 +52,14 @@ from simulations.centralized import centralized_run
 from simulations.runconfig import resolve
 from simulations.subsets import subset_data_dir
 
-PRESETS = ("quick", "full", "shakespeare")
+PRESETS = ("quick", "full", "shakespeare", "privacy-utility")
 CENTRALIZED = "centralized"
 NO_DP = "none"
 # Keys the grid sets per cell; in [run] they would be silently overridden, so they are refused there.
 GRID_KEYS = {"partition": "partitions", "seed": "seeds", "dp": "target-epsilons",
              "target-epsilon": "target-epsilons", "noise-multiplier": "target-epsilons", "out-dir": "--out",
              "resume-from": "(nothing: unfinished cells are rerun)"}
+_ARM_TABLES = ("dp-run", "centralized")  # sub-tables an arm may hold besides its own run-config keys
 _COMPARE_KEYS = ("seeds", "centralized", "partitions", "target-epsilons", "no-dp", "target-accuracy",
                  "max-train-examples", "max-test-examples")
 
@@ -70,10 +78,23 @@ class CompareConfig:
     target_accuracy: float = 0.8
     max_train_examples: int = 0
     max_test_examples: int = 0
+    # Named variants run over the whole grid: {name: {run keys..., "dp-run": {...}, "centralized": {...}}}.
+    # Empty: one unnamed arm, the grid as [run] and [dp-run] say.
+    arms: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     source: str = ""  # the preset or file it came from, for the report
 
     def __post_init__(self) -> None:
-        for table, keys in (("run", self.run), ("dp-run", self.dp_run)):
+        tables = [("run", self.run), ("dp-run", self.dp_run)]
+        for name, arm in self.arms.items():
+            if not name or cell_folder_name([name]) != name:
+                raise ConfigError(f"arm name {name!r} is not allowed; use lowercase letters, digits, '-' and "
+                                  "'.', e.g. [arms.plain-cnn]")
+            if not isinstance(arm, Mapping) or any(not isinstance(arm.get(t, {}), Mapping) for t in _ARM_TABLES):
+                raise ConfigError(f"[arms.{name}] must be a table of run-config keys with optional "
+                                  f"[arms.{name}.dp-run] and [arms.{name}.centralized] tables")
+            tables.append((f"arms.{name}", {k: v for k, v in arm.items() if k not in _ARM_TABLES}))
+            tables += [(f"arms.{name}.{t}", arm.get(t, {})) for t in _ARM_TABLES]
+        for table, keys in tables:
             for key, where in GRID_KEYS.items():
                 if key in keys:
                     raise ConfigError(f"[{table}] sets {key!r}, which the comparison sets per cell; remove "
@@ -113,14 +134,15 @@ class CompareConfig:
                             "no-dp": self.no_dp, "target-accuracy": self.target_accuracy,
                             "max-train-examples": self.max_train_examples,
                             "max-test-examples": self.max_test_examples},
-                "run": dict(self.run), "dp-run": dict(self.dp_run)}
+                "run": dict(self.run), "dp-run": dict(self.dp_run),
+                **({"arms": {k: dict(v) for k, v in self.arms.items()}} if self.arms else {})}
 
 
 def load_compare_config(preset: str | None = None, path: str | Path | None = None,
                         seeds: Sequence[int] | None = None, data_dir: str | None = None) -> CompareConfig:
     """A preset by name or a TOML file; --seeds and --data-dir override what it says."""
     if (preset is None) == (path is None):
-        raise ConfigError("give exactly one of --preset (quick, full, shakespeare) and --config FILE.toml")
+        raise ConfigError(f"give exactly one of --preset ({', '.join(PRESETS)}) and --config FILE.toml")
     if preset is not None:
         if preset not in PRESETS:
             raise ConfigError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
@@ -137,12 +159,12 @@ def load_compare_config(preset: str | None = None, path: str | Path | None = Non
         table = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"compare config {source} is not valid TOML ({exc}); fix the file") from None
-    unknown = sorted(set(table) - {"compare", "run", "dp-run"})
+    unknown = sorted(set(table) - {"compare", "run", "dp-run", "arms"})
     grid = table.get("compare", {})
     unknown += sorted(f"compare.{k}" for k in set(grid) - set(_COMPARE_KEYS))
     if unknown:
         raise ConfigError(f"compare config {source}: unknown key {unknown[0]!r}; [compare] takes "
-                          f"{', '.join(_COMPARE_KEYS)}; [run] and [dp-run] take run-config keys")
+                          f"{', '.join(_COMPARE_KEYS)}; [run], [dp-run] and [arms.NAME] take run-config keys")
     run = dict(table.get("run", {}))
     if data_dir:
         run["data-dir"] = str(Path(data_dir).expanduser().resolve())
@@ -166,8 +188,15 @@ def load_compare_config(preset: str | None = None, path: str | Path | None = Non
         target_accuracy=get("target-accuracy", 0.8, float),
         max_train_examples=get("max-train-examples", 0, _int),
         max_test_examples=get("max-test-examples", 0, _int),
+        arms=_arms(table.get("arms", {}), source),
         source=source,
     )
+
+
+def _arms(value: Any, source: str) -> dict[str, dict[str, Any]]:
+    if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
+        raise ConfigError(f"compare config {source}: [arms] must hold one table per arm, e.g. [arms.recipe]")
+    return {str(k): dict(v) for k, v in value.items()}
 
 
 def _list(value: Any) -> list[Any]:
@@ -209,31 +238,38 @@ def base_run_config(config: CompareConfig, keys: Mapping[str, Any], data_root: P
 
 
 def plan_cells(config: CompareConfig, out: Path) -> list[Cell]:
-    """Every cell of the grid, seed by seed (so the first seed's cells finish, and can be read, first)."""
+    """Every cell of the grid, seed by seed and arm by arm (so the first seed's cells finish first).
+
+    A cell's run config: defaults < [run] < [dp-run] (DP cells) < [arms.A] < [arms.A.dp-run] (DP cells) <
+    [arms.A.centralized] (centralized cells), then what the grid sets (partition, seed, DP, out-dir)."""
     out = out.resolve()
-    plain = base_run_config(config, config.run, out / "data")
-    private = base_run_config(config, {**config.run, **config.dp_run}, out / "data")
     # With a natural partition in the grid the centralized baseline holds those natural clients' data.
     natural = next((p for p in config.partitions if parse_partition(p).kind == "natural"), None)
     central_partition = natural or "iid"
     settings: list[str | None] = ([None] if config.centralized else []) + list(config.partitions)
+    arms: dict[str, Mapping[str, Any]] = dict(config.arms) or {"": {}}
     cells = []
     for seed in config.seeds:
-        for partition in settings:
-            for eps in config.privacy_levels:
-                labels = {"setting": setting_name(partition), "partition": partition or "",
-                          "privacy": privacy_name(eps), "target_epsilon": eps, "seed": seed}
-                name = cell_folder_name([labels["setting"], "no-dp" if eps is None else f"dp-eps{eps:g}",
-                                         f"seed{seed}"])
-                run = {**(plain if eps is None else private), "seed": seed,
-                       "partition": partition or central_partition, "out-dir": str(out / RUNS / name)}
-                if eps is not None:
-                    run.update({"dp": "sample", "target-epsilon": float(eps), "noise-multiplier": 0.0})
-                nodes = None
-                if partition is None:
-                    run, nodes = centralized_run(run, out / "data")
-                check_run_config(run)
-                cells.append(Cell(name, labels, run, nodes))
+        for arm_name, arm in arms.items():
+            own = {k: v for k, v in arm.items() if k not in _ARM_TABLES}
+            for partition in settings:
+                for eps in config.privacy_levels:
+                    keys = {**config.run, **(config.dp_run if eps is not None else {}), **own,
+                            **(arm.get("dp-run", {}) if eps is not None else {}),
+                            **(arm.get("centralized", {}) if partition is None else {})}
+                    labels = {"arm": arm_name, "setting": setting_name(partition), "partition": partition or "",
+                              "privacy": privacy_name(eps), "target_epsilon": eps, "seed": seed}
+                    name = cell_folder_name(([arm_name] if arm_name else []) + [
+                        labels["setting"], "no-dp" if eps is None else f"dp-eps{eps:g}", f"seed{seed}"])
+                    run = {**base_run_config(config, keys, out / "data"), "seed": seed,
+                           "partition": partition or central_partition, "out-dir": str(out / RUNS / name)}
+                    if eps is not None:
+                        run.update({"dp": "sample", "target-epsilon": float(eps), "noise-multiplier": 0.0})
+                    nodes = None
+                    if partition is None:
+                        run, nodes = centralized_run(run, out / "data")
+                    check_run_config(run)
+                    cells.append(Cell(name, labels, run, nodes))
     return cells
 
 
@@ -274,7 +310,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "each target epsilon; per seed) and write comparison.csv/.json/.md/.html with figures to "
                     "--out. Finished cells are kept: run it again to resume.")
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--preset", choices=PRESETS, help="quick: a few minutes on 2 cores; full: the study")
+    source.add_argument("--preset", choices=PRESETS,
+                        help="quick: a few minutes on 2 cores; full: the study; privacy-utility: the plain "
+                             "CNN against the DP recipe at epsilon 1/2/3/8 on all of Fashion-MNIST")
     source.add_argument("--config", metavar="FILE.toml", help="a grid: [compare] and [run] tables")
     p.add_argument("--out", required=True, help="folder for runs/ and the comparison files")
     p.add_argument("--seeds", type=int, nargs="+", metavar="SEED", help="override the grid's seeds")

@@ -32,7 +32,8 @@ from simulations.cells import Cell
 from simulations.compare import CENTRALIZED, NO_DP, CompareConfig
 from simulations.outcomes import RunOutcome, read_outcome
 
-COLUMNS = ("setting", "partition", "alpha", "num_clients", "privacy", "target_epsilon", "seed", "rounds",
+COLUMNS = ("arm", "series", "setting", "partition", "alpha", "num_clients", "privacy", "target_epsilon", "seed",
+           "rounds",
            "final_accuracy", "best_accuracy", "best_round", "final_f1_macro", "target_accuracy",
            "rounds_to_target", "passes_to_target", "epsilon", "delta", "client_accuracy_min",
            "client_accuracy_mean", "client_accuracy_max", "train_examples", "sgd_steps",
@@ -47,7 +48,11 @@ LINESTYLES = ("-", "--", ":", "-.")
 def cell_row(cell: Cell, outcome: RunOutcome, out: Path, target_accuracy: float) -> dict[str, Any]:
     spec = parse_partition(cell.labels["partition"]) if cell.labels["partition"] else None
     lo, mean, hi = outcome.client_spread()
+    arm = str(cell.labels.get("arm", ""))
     return {
+        "arm": arm,
+        # What figures and tables name a line by: the setting, prefixed by the arm when the grid has arms.
+        "series": f"{arm}: {cell.labels['setting']}" if arm else cell.labels["setting"],
         "setting": cell.labels["setting"],
         "partition": cell.labels["partition"],
         "alpha": float(spec.param) if spec is not None and spec.kind == "dirichlet" else None,
@@ -145,9 +150,9 @@ def plot_accuracy_vs_work(rows: Sequence[Mapping[str, Any]], outcomes: Mapping[s
                        "passes over the training data (federated: rounds x local epochs; "
                        "centralized: epochs)",
                        "test accuracy", size=(7.5, 4.6))
-    settings = list(dict.fromkeys(r["setting"] for r in rows))
+    settings = list(dict.fromkeys(r["series"] for r in rows))
     colours = _colours(settings)
-    for (setting, privacy), members in group(rows, ("setting", "privacy")).items():
+    for (setting, privacy), members in group(rows, ("series", "privacy")).items():
         runs = [outcomes[r["run_dir"]] for r in members]
         length = min(len(o.accuracy) for o in runs)
         x = [statistics.fmean(o.passes[i] for o in runs) for i in range(length)]
@@ -170,11 +175,11 @@ def plot_accuracy_vs_epsilon(summary: Sequence[Mapping[str, Any]], privacy_level
     levels += [NO_DP] if NO_DP in privacy_levels else []
     fig, ax = new_axes("Privacy-utility: final accuracy against target epsilon (mean ± sd over seeds)",
                        "target epsilon (delta as configured; no DP = infinity)", "final test accuracy")
-    settings = list(dict.fromkeys(s["setting"] for s in summary))
+    settings = list(dict.fromkeys(s["series"] for s in summary))
     colours = _colours(settings)
     for setting in settings:
         points = [(levels.index(s["privacy"]), s) for s in summary
-                  if s["setting"] == setting and s["final_accuracy_mean"] is not None]
+                  if s["series"] == setting and s["final_accuracy_mean"] is not None]
         points.sort(key=lambda p: p[0])
         ax.errorbar([x for x, _ in points], [s["final_accuracy_mean"] for _, s in points],
                     yerr=[s["final_accuracy_std"] for _, s in points], marker="o", capsize=3,
@@ -199,12 +204,14 @@ def plot_accuracy_vs_alpha(summary: Sequence[Mapping[str, Any]], rows: Sequence[
     iid_at = len(alphas)
     fig, ax = new_axes("Final accuracy against label skew (Dirichlet alpha; mean ± sd over seeds)",
                        "Dirichlet alpha (smaller = more skew)", "final test accuracy")
-    colours = _colours(list(privacy_levels))
+    lines = [(arm, privacy) for arm in dict.fromkeys(r["arm"] for r in rows) for privacy in privacy_levels]
+    colours = _colours([f"{arm} {privacy}" for arm, privacy in lines])
     by_partition = {r["setting"]: r for r in rows}
-    for privacy in privacy_levels:
+    for arm, privacy in lines:
+        colour, name = colours[f"{arm} {privacy}"], f"{arm}: {privacy}" if arm else privacy
         points = []
         for s in summary:
-            if s["privacy"] != privacy or s["final_accuracy_mean"] is None:
+            if s["arm"] != arm or s["privacy"] != privacy or s["final_accuracy_mean"] is None:
                 continue
             first = by_partition[s["setting"]]
             if first["alpha"] is not None:
@@ -212,13 +219,12 @@ def plot_accuracy_vs_alpha(summary: Sequence[Mapping[str, Any]], rows: Sequence[
             elif first["partition"] and parse_partition(first["partition"]).kind == "iid":
                 points.append((iid_at, s))
             elif s["setting"] == CENTRALIZED:
-                ax.axhline(s["final_accuracy_mean"], linestyle=":", color=colours[privacy],
-                           label=f"centralized, {privacy}")
+                ax.axhline(s["final_accuracy_mean"], linestyle=":", color=colour, label=f"centralized, {name}")
         points.sort(key=lambda p: p[0])
         if points:
             ax.errorbar([p for p, _ in points], [s["final_accuracy_mean"] for _, s in points],
                         yerr=[s["final_accuracy_std"] for _, s in points], marker="o", capsize=3,
-                        color=colours[privacy], label=f"federated, {privacy}")
+                        color=colour, label=f"federated, {name}")
     ax.set_xticks(list(range(iid_at + 1)), [f"{a:g}" for a in alphas] + ["IID"])
     ax.set_ylim(0, 1)
     ax.legend(fontsize=7, loc="lower right")
@@ -226,12 +232,12 @@ def plot_accuracy_vs_alpha(summary: Sequence[Mapping[str, Any]], rows: Sequence[
 
 
 def plot_client_spread(rows: Sequence[Mapping[str, Any]], outcomes: Mapping[str, RunOutcome]) -> bytes:
-    groups = [(k, v) for k, v in group(rows, ("setting", "privacy")).items() if k[0] != CENTRALIZED]
+    groups = [(k, v) for k, v in group(rows, ("series", "privacy")).items() if v[0]["setting"] != CENTRALIZED]
     width = max(6.0, 0.9 * len(groups) + 2)
     fig, ax = new_axes("Final model on each client's held-out split (all seeds)", "", "accuracy",
                        size=(width, 4.6))
     data = [[a for r in members for a in outcomes[r["run_dir"]].client_accuracy] for _, members in groups]
-    labels = [f"{setting.removeprefix('federated ')}\n{privacy}" for (setting, privacy), _ in groups]
+    labels = [f"{setting.replace('federated ', '')}\n{privacy}" for (setting, privacy), _ in groups]
     if groups:
         ax.boxplot(data, tick_labels=labels)
         server = [statistics.fmean(r["final_accuracy"] for r in members) for _, members in groups]
@@ -274,7 +280,8 @@ def compute_paragraphs(rows: Sequence[Row], outcomes: Mapping[str, RunOutcome], 
     central = next((r for r in rows if r["setting"] == CENTRALIZED and r["privacy"] == NO_DP), None) or next(
         (r for r in rows if r["setting"] == CENTRALIZED), None)
     federated = [r for r in rows if central is not None and r["setting"] != CENTRALIZED
-                 and r["privacy"] == central["privacy"] and r["seed"] == central["seed"]]
+                 and r["privacy"] == central["privacy"] and r["seed"] == central["seed"]
+                 and r["arm"] == central["arm"]]
     federated.sort(key=lambda r: r["partition"] != "iid")  # IID first: the like-for-like comparison
     if central is None or not federated:
         return ["The grid lacks a centralized or a federated cell, so compute budgets are not compared."]
@@ -318,7 +325,8 @@ def build_blocks(config: CompareConfig, rows: Sequence[Row], summary: Sequence[R
     cfg = tomllib.loads((outcomes[run["run_dir"]].run_dir / "config.toml").read_text())
     privacy_levels = list(dict.fromkeys(r["privacy"] for r in rows))
     seeds = len({r["seed"] for r in rows})
-    title = f"Federated against centralized: {cfg['dataset']} / {cfg['model']}"
+    title = f"Federated against centralized: {cfg['dataset']} / " + (
+        " against ".join(config.arms) if config.arms else str(cfg["model"]))
     subset = ""
     if config.max_train_examples or config.max_test_examples:
         subset = (f" Data: a seeded, class-stratified subset ({config.max_train_examples or 'all'} training "
@@ -337,10 +345,12 @@ def build_blocks(config: CompareConfig, rows: Sequence[Row], summary: Sequence[R
              "centralized run, so each training example has the same guarantee in every setting."),
         *([Para("DP cells, centralized and federated alike, use these run-config keys instead: "
                 + ", ".join(f"{k} = {v}" for k, v in config.dp_run.items()) + ".")] if config.dp_run else []),
+        *[Para(f"Arm {name} (its cells are named '{name}: ...'; the figures draw one line per arm and setting) "
+               f"sets {_keys(arm)}.") for name, arm in config.arms.items()],
         Heading(2, "Summary (mean ± sd over seeds)"),
         Table(("setting", "privacy", "seeds", "final accuracy", "best accuracy", "macro F1", "epsilon",
                f"reached {config.target_accuracy:g}", "rounds to reach", "client spread", "seconds"),
-              tuple((s["setting"], s["privacy"], str(s["seeds"]),
+              tuple((s["series"], s["privacy"], str(s["seeds"]),
                      _pm(s["final_accuracy_mean"], s["final_accuracy_std"]), _f(s["best_accuracy_mean"]),
                      _pm(s["final_f1_macro_mean"], s["final_f1_macro_std"]), _f(s["epsilon_mean"], 2),
                      f"{s['reached_target']}/{s['seeds']}", _f(s["rounds_to_target_mean"], 1),
@@ -386,7 +396,7 @@ def build_blocks(config: CompareConfig, rows: Sequence[Row], summary: Sequence[R
         Heading(2, "Every cell"),
         Table(("setting", "privacy", "seed", "final acc", "best acc (round)", "macro F1", "rounds to reach",
                "epsilon", "client acc min-max", "examples", "SGD steps", "seconds", "run"),
-              tuple((r["setting"], r["privacy"], str(r["seed"]), _f(r["final_accuracy"]),
+              tuple((r["series"], r["privacy"], str(r["seed"]), _f(r["final_accuracy"]),
                      f"{_f(r['best_accuracy'])} ({r['best_round']})", _f(r["final_f1_macro"]),
                      _f(r["rounds_to_target"]), _f(r["epsilon"], 2),
                      f"{_f(r['client_accuracy_min'], 3)}-{_f(r['client_accuracy_max'], 3)}",
@@ -398,6 +408,14 @@ def build_blocks(config: CompareConfig, rows: Sequence[Row], summary: Sequence[R
              "(see `fedpriv sweep`)."),
     ]
     return blocks, title
+
+
+def _keys(arm: Mapping[str, Any]) -> str:
+    """An arm's overrides in words: its own keys, then those for its DP and its centralized cells."""
+    own = ", ".join(f"{k} = {v}" for k, v in arm.items() if not isinstance(v, Mapping)) or "nothing of its own"
+    parts = [own] + [f"for its {t.replace('-run', '')} cells " + ", ".join(f"{k} = {v}" for k, v in arm[t].items())
+                     for t in ("dp-run", "centralized") if arm.get(t)]
+    return "; ".join(parts)
 
 
 def _clean(value: Any) -> Any:
@@ -421,7 +439,7 @@ def write_comparison(config: CompareConfig, cells: Sequence[Cell], out: Path) ->
         outcomes[row["run_dir"]] = outcome
         rows.append(row)
     # Table order: settings in grid order, privacy levels in grid order, then seeds.
-    summary = summarize(rows, ("setting", "privacy", "target_epsilon"))
+    summary = summarize(rows, ("arm", "series", "setting", "privacy", "target_epsilon"))
     files = {"csv": out / "comparison.csv", "json": out / "comparison.json"}
     write_atomic(files["csv"], rows_csv(rows, COLUMNS).encode("utf-8"))
     document = _clean({"config": config.as_toml_dict(), "columns": list(COLUMNS), "rows": rows,

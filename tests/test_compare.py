@@ -199,13 +199,91 @@ def test_dp_run_keys_apply_to_the_dp_cells_only(tmp_path):
         CompareConfig(run={}, dp_run={"seed": 3})
 
 
+ARMS = """
+[compare]
+seeds = [1]
+partitions = ["iid"]
+target-epsilons = [30.0]
+target-accuracy = 0.3
+
+[run]
+dataset = "digits"
+model = "mlp"
+num-clients = 3
+num-rounds = 2
+batch-size = 32
+
+[dp-run]
+learning-rate = 0.3
+
+[arms.small]
+learning-rate = 0.1
+[arms.small.dp-run]
+batch-size = 64
+
+[arms.big]
+num-rounds = 3
+[arms.big.centralized]
+learning-rate = 0.2
+"""
+
+
+def test_arms_layer_their_keys_and_run_as_separate_lines(tmp_path):
+    (tmp_path / "arms.toml").write_text(ARMS)
+    config = load_compare_config(path=tmp_path / "arms.toml")
+    cells = {c.name: c.run_config for c in plan_cells(config, tmp_path / "out")}
+    # 2 arms x (centralized, iid) x (no DP, epsilon 30); each arm's cells in its own folders.
+    assert len(cells) == 8 and all(name.split("_")[0] in ("small", "big") for name in cells)
+    # [run] < [dp-run] < [arms.A] < [arms.A.dp-run] < [arms.A.centralized]
+    assert cells["small_federated-iid_no-dp_seed1"]["learning-rate"] == 0.1
+    assert cells["small_federated-iid_dp-eps30_seed1"]["learning-rate"] == 0.1
+    assert cells["small_federated-iid_dp-eps30_seed1"]["batch-size"] == 64
+    assert cells["small_federated-iid_no-dp_seed1"]["batch-size"] == 32
+    assert cells["big_federated-iid_dp-eps30_seed1"]["learning-rate"] == 0.3
+    assert cells["big_centralized_dp-eps30_seed1"]["learning-rate"] == 0.2
+    assert cells["big_centralized_no-dp_seed1"]["num-rounds"] == 3
+    assert cells["small_centralized_no-dp_seed1"]["num-rounds"] == 2
+
+    torch.set_num_threads(1)
+    result = compare(config, tmp_path / "out", echo=quiet)
+    rows = read_csv(result.files["csv"])
+    assert {(r["arm"], r["series"]) for r in rows} == {
+        (a, f"{a}: {s}") for a in ("small", "big") for s in ("centralized", "federated iid")}
+    assert {r["rounds"] for r in rows if r["arm"] == "big"} == {"3"}
+    summary = json.loads(result.files["json"].read_text())["summary"]
+    assert len(summary) == 8 and {s["arm"] for s in summary} == {"small", "big"}
+    md = result.files["md"].read_text()
+    assert "Arm small" in md and "Arm big" in md and "big: federated iid" in md
+    assert (result.out / "fig_accuracy_vs_epsilon.png").is_file()
+
+
+def test_bad_arms_fail_with_one_line_naming_the_fix(tmp_path):
+    with pytest.raises(ConfigError, match=r"\[arms.a.dp-run\] sets 'seed'"):
+        CompareConfig(run={}, arms={"a": {"dp-run": {"seed": 1}}})
+    with pytest.raises(ConfigError, match="arm name 'Big Arm' is not allowed"):
+        CompareConfig(run={}, arms={"Big Arm": {}})
+    with pytest.raises(ConfigError, match=r"\[arms.a\] must be a table"):
+        CompareConfig(run={}, arms={"a": {"centralized": 3}})
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[run]\n[arms]\nmodel = 'cnn'\n")
+    with pytest.raises(ConfigError, match=r"one table per arm"):
+        load_compare_config(path=bad)
+    with pytest.raises(ConfigError, match="unknown config key 'num-round'"):
+        plan_cells(CompareConfig(run={}, arms={"a": {"num-round": 3}}), tmp_path)
+
+
 def test_presets_are_valid_grids():
-    for name in ("quick", "full", "shakespeare"):
+    for name in ("quick", "full", "shakespeare", "privacy-utility"):
         config = load_compare_config(preset=name)
         assert config.source == f"preset {name}" and config.seeds
     quick = load_compare_config(preset="quick", seeds=[7])
     assert quick.seeds == (7,) and quick.run["dataset"] == "fashion-mnist" and quick.target_epsilons
     assert load_compare_config(preset="shakespeare").partitions == ("natural",)
+    utility = load_compare_config(preset="privacy-utility")
+    assert set(utility.arms) == {"recipe", "plain-cnn"} and utility.target_epsilons == (1.0, 2.0, 3.0, 8.0)
+    cells = plan_cells(utility, Path("/nonexistent/privacy-utility"))
+    assert len(cells) == 24 and all(c.run_config["dp"] == "sample" for c in cells)
+    assert {c.run_config["model"] for c in cells} == {"scatter-linear", "cnn"}
 
 
 def test_sweep_runs_every_combination_and_notes_the_selection(tmp_path):

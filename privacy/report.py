@@ -133,6 +133,7 @@ class RoundMetrics:
     trained: tuple[str, ...]
     dropped: tuple[tuple[str, str], ...]
     refused: tuple[tuple[str, str], ...]
+    ema_accuracy: float | None = None  # the server's moving average of the global model (ema-decay), if kept
 
 
 def _short(value: Any) -> str:
@@ -340,6 +341,7 @@ def _parse_metrics(data: Any) -> tuple[RoundMetrics, ...]:
             trained=trained,
             dropped=_parse_entries(r.get("dropped"), f"{where}.dropped"),
             refused=_parse_entries(r.get("refused"), f"{where}.refused"),
+            ema_accuracy=_num(server, "ema_accuracy", f"{where}.server"),
         ))
     return tuple(sorted(out, key=lambda m: m.round))
 
@@ -818,6 +820,10 @@ def _summary(p: PrivacyRecord, metrics: list[RoundMetrics], n_warnings: int, inc
     if with_acc:
         last = with_acc[-1]
         parts.append(f"Final server accuracy: {last.accuracy:.4f} (round {last.round}).")
+        if last.ema_accuracy is not None:
+            parts.append(f"The moving average of the global model (ema-decay), reported separately: "
+                         f"{last.ema_accuracy:.4f}; it is post-processing of models the server already holds, "
+                         "so it costs no privacy beyond the epsilon above.")
     else:
         parts.append("No server accuracy was recorded.")
     if incidents:

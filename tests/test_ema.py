@@ -69,3 +69,14 @@ def test_run_reports_the_ema_beside_the_raw_model_and_saves_it(tmp_path):
     assert not (tmp_path / "none" / "model_ema.pt").exists()
     none_rounds = json.loads((tmp_path / "none" / "metrics.json").read_text())["rounds"]
     assert all(not any(k.startswith("ema_") for k in r["server"]) for r in none_rounds)
+
+
+def test_privacy_report_states_the_ema_accuracy_separately(tmp_path):
+    out = tmp_path / "dp"
+    assert main([*RUN, "--rounds", "2", "--set", "ema-decay=0.5", "--set", "dp=sample",
+                 "--set", "noise-multiplier=1.0", "--out", str(out)]) == 0
+    last = json.loads((out / "metrics.json").read_text())["rounds"][-1]["server"]
+    text = (out / "report.md").read_text()
+    assert f"Final server accuracy: {last['accuracy']:.4f} (round 2)." in text
+    assert f"moving average of the global model (ema-decay), reported separately: {last['ema_accuracy']:.4f}" in text
+    assert "costs no privacy" in text

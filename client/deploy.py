@@ -332,7 +332,7 @@ def _explain(line: str, run: list[str]) -> str | None:
     if m := re.search(r"\[RUN (\d+)", line):
         run[0] = m.group(1)
         return None
-    if m := re.search(r"Receiving: (\w+) message", line):
+    if m := re.search(r"Receiving: ([\w.]+) message", line):  # e.g. train, query.secagg_setup
         return f"run {run[0]}: {m.group(1)} message"
     return _error(line)
 

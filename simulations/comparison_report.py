@@ -333,12 +333,14 @@ def build_blocks(config: CompareConfig, rows: Sequence[Row], summary: Sequence[R
                   f"and {config.max_test_examples or 'all'} test examples), the same for every cell.")
     blocks: list[Block] = [
         Heading(1, title),
-        Para(f"Grid from {config.source}: {_n(len(rows), 'cell')} ({_n(seeds, 'seed')}). Federated runs: "
-             f"{_n(cfg['num-clients'], 'client')}, {_n(run['rounds'], 'round')} of "
+        Para(f"Grid from {config.source}: {_n(len(rows), 'cell')} ({_n(seeds, 'seed')}). " + (
+             f"Arms: {', '.join(config.arms)}, each over the whole grid with its own settings (below). "
+             if config.arms else
+             f"Federated runs: {_n(cfg['num-clients'], 'client')}, {_n(run['rounds'], 'round')} of "
              f"{_n(cfg['local-epochs'], 'local epoch')}, strategy {cfg['strategy']}, optimizer "
-             f"{cfg['optimizer']} (lr {cfg['learning-rate']}), batch size {cfg['batch-size']}. Every number "
-             f"below is read from the "
-             f"cells' records under runs/; accuracy is the server's test set after the last round.{subset}"),
+             f"{cfg['optimizer']} (lr {cfg['learning-rate']}), batch size {cfg['batch-size']}. ") +
+             "Every number below is read from the cells' records under runs/; accuracy is the server's test "
+             f"set after the last round.{subset}"),
         Para("The centralized baseline is the same ServerApp and ClientApp with one client that holds the "
              "union of all clients' data; DP cells use sample-level DP-SGD (Opacus) calibrated per client "
              "for the target epsilon over all rounds, with the same clipping norm and delta for the "

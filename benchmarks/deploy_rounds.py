@@ -16,6 +16,9 @@ Variants:
 - flower: `--allow-server-code --poll-interval 3`: Flower's own executor and polling, a fresh ClientApp
   process for every message (what a Flower SuperNode does out of the box).
 
+`--set KEY=VALUE` (repeatable) adds run-config keys to every variant alike, e.g. `--set secagg=true
+--set secagg-threshold=3` for the cost of a SecAgg+ round, in process and deployed.
+
 The figure compared is the round loop's own `seconds` per round from metrics.json (sampling, messages,
 client training and evaluation, aggregation, the server's test-set evaluation, records), the same clock for
 every variant. Round 1 also carries each client's first message (the query that tells the server who it
@@ -46,23 +49,24 @@ CLIENT_FLAGS = {"default": [], "poll3": ["--poll-interval", "3"],
 
 
 def run_config(rounds: int, clients: int, out_dir: Path, dataset: str = "fashion-mnist",
-               model: str = "cnn") -> dict:
+               model: str = "cnn", extra: dict[str, str] | None = None) -> dict:
     from simulations.runconfig import resolve
 
     # One local epoch at batch 64 (the settings of the earlier figures), not the dataset's recommendation.
     return resolve(None, {"dataset": dataset, "model": model, "num-rounds": rounds, "num-clients": clients,
                           "min-clients": clients, "out-dir": str(out_dir), "local-epochs": 1, "batch-size": 64,
-                          "learning-rate": 0.05})
+                          "learning-rate": 0.05, **(extra or {})})
 
 
-def run_inprocess(files: list[Path], rounds: int, out_dir: Path, dataset: str, model: str) -> None:
+def run_inprocess(files: list[Path], rounds: int, out_dir: Path, dataset: str, model: str,
+                  extra: dict[str, str]) -> None:
     """The in-process engine over the same client files (node config `data-path`, as a SuperNode gets)."""
     import client.app
     import server.app
     from simulations.inprocess import run_inprocess as engine
 
     nodes = [{"data-path": str(f), "client-id": f.stem} for f in files]
-    engine(server.app.app, client.app.app, nodes, run_config(rounds, len(files), out_dir, dataset, model))
+    engine(server.app.app, client.app.app, nodes, run_config(rounds, len(files), out_dir, dataset, model, extra))
 
 
 def _free_port() -> int:
@@ -86,7 +90,7 @@ def _stop(proc: subprocess.Popen) -> None:
 
 
 def run_deployed(files: list[Path], certs: Path, rounds: int, out_dir: Path, executor: str, work: Path,
-                 dataset: str, model: str) -> None:
+                 dataset: str, model: str, extra: dict[str, str]) -> None:
     env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
     address = f"127.0.0.1:{_free_port()}"
     threads = max(1, (os.cpu_count() or 1) // len(files))
@@ -96,7 +100,8 @@ def run_deployed(files: list[Path], certs: Path, rounds: int, out_dir: Path, exe
                            "--dataset", dataset, "--model", model, "--rounds", str(rounds),
                            "--num-clients", str(len(files)), "--local-epochs", "1", "--batch-size", "64",
                            "--lr", "0.05",
-                           "--min-clients", str(len(files)), "--round-timeout", "900", "--out", str(out_dir)],
+                           "--min-clients", str(len(files)), "--round-timeout", "900", "--out", str(out_dir),
+                           *[a for k, v in extra.items() for a in ("--set", f"{k}={v}")]],
                           work / f"server-{executor}.out", env)
         procs.append(server)
         deadline, server_out = time.monotonic() + 300, work / f"server-{executor}.out"
@@ -117,7 +122,7 @@ def run_deployed(files: list[Path], certs: Path, rounds: int, out_dir: Path, exe
 
 
 def measure(variant: str, files: list[Path], certs: Path, rounds: int, work: Path, dataset: str,
-            model: str) -> dict:
+            model: str, extra: dict[str, str]) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     out_dir = work / f"run-{variant}"
     started = time.perf_counter()
@@ -125,11 +130,12 @@ def measure(variant: str, files: list[Path], certs: Path, rounds: int, work: Pat
         # A fresh interpreter, as the deployment's processes are: nothing cached from an earlier variant.
         code = subprocess.call([sys.executable, "-m", "benchmarks.deploy_rounds", "--one", str(out_dir),
                                 "--rounds", str(rounds), "--dataset", dataset, "--model", model,
-                                "--files", *map(str, files)], cwd=ROOT)
+                                "--files", *map(str, files),
+                                *[a for k, v in extra.items() for a in ("--set", f"{k}={v}")]], cwd=ROOT)
         if code != 0:
             raise SystemExit(f"in-process run failed (exit {code})")
     else:
-        run_deployed(files, certs, rounds, out_dir, variant, work, dataset, model)
+        run_deployed(files, certs, rounds, out_dir, variant, work, dataset, model, extra)
     wall = time.perf_counter() - started
     records = json.loads((out_dir / "metrics.json").read_text())["rounds"]
     tasks = task_times(work, variant)
@@ -169,14 +175,20 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     parser.add_argument("--repeat", type=int, default=1, help="run the variants this many times, interleaved")
     parser.add_argument("--out", default="benchmarks/results/deploy_rounds.json")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a run-config key for every variant, e.g. secagg=true")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--files", nargs="*", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if any("=" not in item for item in args.set):
+        parser.error("--set takes KEY=VALUE, e.g. --set secagg=true")
+    extra = dict(item.split("=", 1) for item in args.set)
     if args.one:
         import logging
 
         logging.getLogger("flwr").setLevel(logging.WARNING)
-        run_inprocess([Path(f) for f in args.files], args.rounds, Path(args.one), args.dataset, args.model)
+        run_inprocess([Path(f) for f in args.files], args.rounds, Path(args.one), args.dataset, args.model,
+                      extra)
         return
 
     from client.split import split_dataset
@@ -192,7 +204,7 @@ def main() -> None:
             for rep in range(args.repeat):
                 for variant in args.variants:
                     row = measure(variant, [f.path for f in data], certs.root, args.rounds,
-                                  work / f"n{n}-{rep}", args.dataset, args.model)
+                                  work / f"n{n}-{rep}", args.dataset, args.model, extra)
                     row["repeat"] = rep
                     row["load_average"] = round(os.getloadavg()[0], 2)
                     rows.append(row)
@@ -204,7 +216,7 @@ def main() -> None:
             row["steady_vs_inprocess"] = round(row["steady_round_seconds"] / base["steady_round_seconds"], 2)
             row["round1_vs_inprocess"] = round(row["round1_seconds"] / base["round1_seconds"], 2)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"dataset": args.dataset, "model": args.model,
+    Path(args.out).write_text(json.dumps({"dataset": args.dataset, "model": args.model, "set": extra,
                                           "examples_per_client": args.examples, "rounds": args.rounds,
                                           "cpus": os.cpu_count(), "rows": rows}, indent=1))
     print(f"wrote {args.out}")

@@ -114,8 +114,9 @@ def sweep_rows(plan: SweepPlan, out: Path) -> tuple[list[dict[str, Any]], dict[s
         o = read_outcome(cell.run_dir, plan.target_accuracy)
         lo, _, hi = o.client_spread()
         run_dir = str(o.run_dir.relative_to(out))
-        # "setting" (one combination) and "privacy" are what the shared work figure groups by.
-        rows.append({**cell.labels, "setting": cell.name, "privacy": str(cell.run_config.get("dp", "none")),
+        # "series" and "privacy" are what the shared work figure groups by: here one combination each.
+        rows.append({**cell.labels, "setting": cell.name, "series": cell.name,
+                     "privacy": str(cell.run_config.get("dp", "none")),
                      "final_accuracy": o.final_accuracy, "best_accuracy": o.best_accuracy,
                      "best_round": o.best_round, "final_f1_macro": o.final_f1_macro,
                      "rounds_to_target": o.rounds_to_target, "epsilon": o.epsilon, "delta": o.delta,

@@ -59,7 +59,7 @@ NO_DP = "none"
 GRID_KEYS = {"partition": "partitions", "seed": "seeds", "dp": "target-epsilons",
              "target-epsilon": "target-epsilons", "noise-multiplier": "target-epsilons", "out-dir": "--out",
              "resume-from": "(nothing: unfinished cells are rerun)"}
-_ARM_TABLES = ("dp-run", "centralized")  # sub-tables an arm may hold besides its own run-config keys
+ARM_TABLES = ("dp-run", "centralized")  # sub-tables an arm may hold besides its own run-config keys
 _COMPARE_KEYS = ("seeds", "centralized", "partitions", "target-epsilons", "no-dp", "target-accuracy",
                  "max-train-examples", "max-test-examples")
 
@@ -89,11 +89,11 @@ class CompareConfig:
             if not name or cell_folder_name([name]) != name:
                 raise ConfigError(f"arm name {name!r} is not allowed; use lowercase letters, digits, '-' and "
                                   "'.', e.g. [arms.plain-cnn]")
-            if not isinstance(arm, Mapping) or any(not isinstance(arm.get(t, {}), Mapping) for t in _ARM_TABLES):
+            if not isinstance(arm, Mapping) or any(not isinstance(arm.get(t, {}), Mapping) for t in ARM_TABLES):
                 raise ConfigError(f"[arms.{name}] must be a table of run-config keys with optional "
                                   f"[arms.{name}.dp-run] and [arms.{name}.centralized] tables")
-            tables.append((f"arms.{name}", {k: v for k, v in arm.items() if k not in _ARM_TABLES}))
-            tables += [(f"arms.{name}.{t}", arm.get(t, {})) for t in _ARM_TABLES]
+            tables.append((f"arms.{name}", {k: v for k, v in arm.items() if k not in ARM_TABLES}))
+            tables += [(f"arms.{name}.{t}", arm.get(t, {})) for t in ARM_TABLES]
         for table, keys in tables:
             for key, where in GRID_KEYS.items():
                 if key in keys:
@@ -251,17 +251,19 @@ def plan_cells(config: CompareConfig, out: Path) -> list[Cell]:
     cells = []
     for seed in config.seeds:
         for arm_name, arm in arms.items():
-            own = {k: v for k, v in arm.items() if k not in _ARM_TABLES}
+            own = {k: v for k, v in arm.items() if k not in ARM_TABLES}
+            # The four layered configs of this arm, (private, centralized) -> resolved keys, built once.
+            bases = {(private, central): base_run_config(config, {
+                **config.run, **(config.dp_run if private else {}), **own,
+                **(arm.get("dp-run", {}) if private else {}), **(arm.get("centralized", {}) if central else {})},
+                out / "data") for private in (False, True) for central in (False, True)}
             for partition in settings:
                 for eps in config.privacy_levels:
-                    keys = {**config.run, **(config.dp_run if eps is not None else {}), **own,
-                            **(arm.get("dp-run", {}) if eps is not None else {}),
-                            **(arm.get("centralized", {}) if partition is None else {})}
                     labels = {"arm": arm_name, "setting": setting_name(partition), "partition": partition or "",
                               "privacy": privacy_name(eps), "target_epsilon": eps, "seed": seed}
                     name = cell_folder_name(([arm_name] if arm_name else []) + [
                         labels["setting"], "no-dp" if eps is None else f"dp-eps{eps:g}", f"seed{seed}"])
-                    run = {**base_run_config(config, keys, out / "data"), "seed": seed,
+                    run = {**bases[(eps is not None, partition is None)], "seed": seed,
                            "partition": partition or central_partition, "out-dir": str(out / RUNS / name)}
                     if eps is not None:
                         run.update({"dp": "sample", "target-epsilon": float(eps), "noise-multiplier": 0.0})

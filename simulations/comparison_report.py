@@ -29,7 +29,7 @@ from privacy.documents import (
 )
 from privacy.files import write_atomic
 from simulations.cells import Cell
-from simulations.compare import CENTRALIZED, NO_DP, CompareConfig
+from simulations.compare import ARM_TABLES, CENTRALIZED, NO_DP, CompareConfig
 from simulations.outcomes import RunOutcome, read_outcome
 
 COLUMNS = ("arm", "series", "setting", "partition", "alpha", "num_clients", "privacy", "target_epsilon", "seed",
@@ -414,9 +414,9 @@ def build_blocks(config: CompareConfig, rows: Sequence[Row], summary: Sequence[R
 
 def _keys(arm: Mapping[str, Any]) -> str:
     """An arm's overrides in words: its own keys, then those for its DP and its centralized cells."""
-    own = ", ".join(f"{k} = {v}" for k, v in arm.items() if not isinstance(v, Mapping)) or "nothing of its own"
+    own = ", ".join(f"{k} = {v}" for k, v in arm.items() if k not in ARM_TABLES) or "nothing of its own"
     parts = [own] + [f"for its {t.replace('-run', '')} cells " + ", ".join(f"{k} = {v}" for k, v in arm[t].items())
-                     for t in ("dp-run", "centralized") if arm.get(t)]
+                     for t in ARM_TABLES if arm.get(t)]
     return "; ".join(parts)
 
 

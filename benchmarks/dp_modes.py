@@ -28,6 +28,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from client import load_dataset
+from client.allocator import keep_freed_memory
 from client.bookkeeping import BookKeeper, NoisyStep
 from client.config import TrainConfig
 from client.dpsgd import train_private
@@ -187,6 +188,7 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/dp_modes_bk.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    keep_freed_memory()  # as client training does (client/allocator.py): plain and DP steps alike
     load = os.getloadavg()
     rows = [row for m in args.models for b in args.batch_sizes for row in measure(m, b, args.modes, args.steps,
                                                                                    args.repeats)]

@@ -136,8 +136,9 @@ def _grouped_per_example(a: torch.Tensor, g: torch.Tensor, module: nn.Conv2d,
     the batch as the groups: oneDNN's own kernel, any stride, padding and dilation, no im2col."""
     batch, cout, out_h, out_w = g.shape
     cin = a.shape[1]
-    shape_only = module.weight.detach().expand(batch, *module.weight.shape).reshape(batch * cout, cin,
-                                                                                   *module.kernel_size)
+    # Only the weight's shape matters to a weight-gradient-only backward: an uninitialised tensor (never read)
+    # saves copying the weight B times.
+    shape_only = a.new_empty(batch * cout, cin, *module.kernel_size)
     grads = torch.ops.aten.convolution_backward(
         g.reshape(1, batch * cout, out_h, out_w), a.reshape(1, batch * cin, *a.shape[2:]), shape_only, None,
         list(module.stride), list(padding), list(module.dilation), False, [0, 0], batch, [False, True, False])[1]
@@ -147,6 +148,42 @@ def _grouped_per_example(a: torch.Tensor, g: torch.Tensor, module: nn.Conv2d,
 # Below this many output positions per example, oneDNN's grouped-conv kernel loses to shifted GEMMs here
 # (measured on this CPU: 64->64 channels at 7x7 took 70 ms against 48 ms, 16->16 at 28x28 18 ms against 39 ms).
 _GROUPED_MIN_POSITIONS = 100
+
+
+# Up to this many weights per output channel (Cin * kh * kw: an RGB or grey image's first 3x3 conv), the
+# im2col windows are no larger than a few copies of the input, and one batched GEMM on them beats oneDNN's
+# grouped-conv kernel (measured here: 1->32 channels at 28x28, batch 64, 0.9 ms against 1.1 ms).
+_WINDOWS_MAX_COLUMNS = 32
+
+
+def _small_window_rule(a: torch.Tensor, g3: torch.Tensor, module: nn.Conv2d, out_h: int, out_w: int) -> LayerGrads:
+    """Per-example weight and bias gradients together, [B, Cout, d + 1], by one batched GEMM of the output
+    gradients with the im2col windows and a row of ones (whose product is the bias gradient). The windows are
+    laid out [B, d + 1, positions], so the one copy that builds them reads and writes along image rows (twice
+    as fast here as the [B, positions, d] layout)."""
+    batch, cout, positions = g3.shape
+    padded = F.pad(a, _conv_padding(module))
+    sb, sc, sh, sw = padded.stride()
+    (kh, kw), (st_h, st_w), (dh, dw) = module.kernel_size, module.stride, module.dilation
+    cin = module.in_channels
+    d = cin * kh * kw
+    with_bias = _trainable(module.bias)
+    columns = g3.new_empty(batch, d + int(with_bias), positions)
+    columns[:, :d].view(batch, cin, kh, kw, out_h, out_w).copy_(
+        padded.as_strided((batch, cin, kh, kw, out_h, out_w), (sb, sc, dh * sh, dw * sw, st_h * sh, st_w * sw)))
+    if with_bias:
+        columns[:, d] = 1.0
+    per_example = torch.bmm(g3, columns.transpose(1, 2)).reshape(batch, -1)  # [B, Cout * (d + 1)]
+    weight, bias = module.weight, module.bias
+
+    def clipped_sum(c: torch.Tensor) -> list[tuple[nn.Parameter, torch.Tensor]]:
+        summed = (c @ per_example).view(cout, -1)
+        out = [(weight, summed[:, :d].reshape(weight.shape))]
+        if with_bias:
+            out.append((bias, summed[:, d].contiguous()))
+        return out
+
+    return LayerGrads(torch.linalg.vector_norm(per_example, dim=1).square(), clipped_sum)
 
 
 def conv2d_rule(module: nn.Conv2d, a: torch.Tensor, g: torch.Tensor, saved: Saved) -> LayerGrads:
@@ -161,6 +198,8 @@ def conv2d_rule(module: nn.Conv2d, a: torch.Tensor, g: torch.Tensor, saved: Save
     if 2 * positions * positions <= cout * d:
         return _positions_rule(_windows(a, module, out_h, out_w), g3.transpose(1, 2), module.weight, module.bias)
     weight = module.weight
+    if _trainable(weight) and batch and d <= _WINDOWS_MAX_COLUMNS:
+        return _small_window_rule(a, g3, module, out_h, out_w)
     left, right, top, bottom = _conv_padding(module)
     symmetric = left == right and top == bottom
     grads: list[tuple[nn.Parameter, torch.Tensor]] = []
@@ -232,20 +271,24 @@ def _group_stats(module: nn.GroupNorm, a: torch.Tensor,
 
 
 def group_norm_rule(module: nn.GroupNorm, a: torch.Tensor, g: torch.Tensor, saved: Saved) -> LayerGrads:
-    """GroupNorm over [B, C, *]: per channel, sum_s g * x_hat = rstd * (sum_s g * a - mean * sum_s g), from the
-    saved mean and rstd, so the normalised input is never rebuilt."""
+    """GroupNorm over [B, C, *]: per example and channel, sum_s g * x_hat (weight) and sum_s g (bias).
+
+    Both come from torch's own fused GroupNorm backward kernel run on the batch seen as ONE example with B * C
+    channels in B * groups groups: its weight and bias gradients are then exactly the per-example ones, in one
+    pass over g and a, from the forward's saved mean and rstd (2.5-3.5x faster here than a product and sums)."""
     batch, channels = g.shape[:2]
-    g3, a3 = g.reshape(batch, channels, -1), a.reshape(batch, channels, -1)
-    summed_g = g3.sum(2)
+    mean, rstd = _group_stats(module, a, saved)
+    spatial = g[0, 0].numel()
+    weight = module.weight.detach().repeat(batch) if module.weight is not None else None
+    _, per_weight, per_bias = torch.ops.aten.native_group_norm_backward(
+        g.reshape(1, batch * channels, spatial), a.reshape(1, batch * channels, spatial),
+        mean.reshape(1, -1), rstd.reshape(1, -1), weight, 1, batch * channels, spatial,
+        batch * module.num_groups, [False, True, True])
     grads: list[tuple[nn.Parameter, torch.Tensor]] = []
     if _trainable(module.weight):
-        mean, rstd = _group_stats(module, a, saved)
-        per_group = channels // module.num_groups
-        mean_c = mean.reshape(batch, module.num_groups, 1).expand(-1, -1, per_group).reshape(batch, channels)
-        rstd_c = rstd.reshape(batch, module.num_groups, 1).expand(-1, -1, per_group).reshape(batch, channels)
-        grads.append((module.weight, rstd_c * (torch.linalg.vecdot(g3, a3) - mean_c * summed_g)))
+        grads.append((module.weight, per_weight.view(batch, channels)))
     if _trainable(module.bias):
-        grads.append((module.bias, summed_g))
+        grads.append((module.bias, per_bias.view(batch, channels)))
     return _per_example_rule(grads, batch, g)
 
 

@@ -230,8 +230,8 @@ class NoisyStep:
             summed = sums.get(p)
             grad = torch.zeros_like(p) if summed is None else summed
             if self.noise_std > 0:
-                grad = grad + gaussian_noise(self.noise_std, p, self.noise)
-            p.grad = grad / self.expected_batch
+                grad = gaussian_noise(self.noise_std, p, self.noise).add_(grad)  # in place: no third tensor
+            p.grad = grad.div_(self.expected_batch)
         self.optimizer.step()
         return logits
 

@@ -17,6 +17,7 @@ from opacus import PrivacyEngine
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from client.allocator import keep_freed_memory
 from client.bookkeeping import BK_MODE, Canaries, bk_unsupported, train_bookkeeping
 from client.config import TrainConfig
 from client.training import as_tensor, make_optimizer
@@ -63,6 +64,7 @@ def train_private(model: nn.Module, x: np.ndarray, y: np.ndarray, cfg: TrainConf
     and division by the real data's expected batch size as the real ones. In the Opacus path they are appended
     to Opacus' per-example gradients before each step; ghost clipping never materialises those, so an audited
     Opacus run uses hooks (the two give exactly the same clipped gradient)."""
+    keep_freed_memory()
     if grad_sample_mode in (None, "auto"):
         example = as_tensor(x[:1]) if len(x) else None  # one forward, no gradient: is any layer run twice?
         grad_sample_mode = BK_MODE if bk_unsupported(model, example) is None else grad_sample_mode_for(model)

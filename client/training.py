@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from client.allocator import keep_freed_memory
 from client.config import TrainConfig
 
 
@@ -49,6 +50,7 @@ def train(
 ) -> dict[str, float]:
     """Train `model` in place for cfg.local_epochs over (x, y); returns loss, accuracy and the step count.
     `optimizer`: one over model's parameters with cfg's settings and no state (default: a new one)."""
+    keep_freed_memory()
     generator = torch.Generator().manual_seed(seed)
     xt, yt = as_tensor(x), as_tensor(y)
     optimizer = optimizer if optimizer is not None else make_optimizer(model.parameters(), cfg)

@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import client.bookkeeping as bk
-from client.bk_rules import conv2d_rule
+from client.bk_rules import conv2d_rule, forward_stats, group_norm_rule
 from client.config import ConfigError, TrainConfig
 from client.dpsgd import train_private
 from models import build_model
@@ -128,22 +128,54 @@ def test_conv_rule_matches_opacus_for_strides_padding_dilation(stride, padding, 
     _assert_same(_bk_clipped_sum(model, x, y, 0.1), _opacus_clipped_sum(model, x, y, 0.1))
 
 
-# 3x3: 2*9*9 <= 16*72, the ghost norm; 8x8 (64 positions): shifted GEMMs; 12x12 (144): oneDNN grouped conv;
-# 'same' with an even kernel pads asymmetrically: shifted GEMMs
-@pytest.mark.parametrize("side,kernel,padding", [(3, 3, 1), (8, 3, 1), (12, 3, 1), (12, 2, "same")])
-def test_conv_rule_branches_match_autograd(side: int, kernel: int, padding) -> None:
+# 8 input channels: 3x3: 2*9*9 <= 16*72, the ghost norm; 8x8 (64 positions): shifted GEMMs; 12x12 (144): oneDNN
+# grouped conv; 'same' with an even kernel pads asymmetrically: shifted GEMMs. 3 input channels (27 weights per
+# output channel): the im2col windows with a row of ones, at any size
+@pytest.mark.parametrize("side,kernel,padding,cin", [(3, 3, 1, 8), (8, 3, 1, 8), (12, 3, 1, 8), (12, 2, "same", 8),
+                                                     (12, 3, 1, 3), (7, 2, "same", 3)])
+def test_conv_rule_branches_match_autograd(side: int, kernel: int, padding, cin: int) -> None:
     torch.manual_seed(0)
-    conv = nn.Conv2d(8, 16, kernel, padding=padding)
-    a, g, c = torch.randn(4, 8, side, side), torch.randn(4, 16, side, side), torch.rand(4)
+    conv = nn.Conv2d(cin, 16, kernel, padding=padding)
+    a, g, c = torch.randn(4, cin, side, side), torch.randn(4, 16, side, side), torch.rand(4)
     layer = conv2d_rule(conv, a, g, None)
-    want_norms, want_sum = [], torch.zeros_like(conv.weight)
+    want_norms, want_sum, want_bias = [], torch.zeros_like(conv.weight), torch.zeros_like(conv.bias)
     for b in range(4):
         gw, gb = torch.autograd.grad(conv(a[b:b + 1]), (conv.weight, conv.bias), g[b:b + 1])
         want_norms.append(gw.square().sum() + gb.square().sum())
         want_sum += c[b] * gw
+        want_bias += c[b] * gb
     torch.testing.assert_close(layer.norm_sq, torch.stack(want_norms), rtol=1e-4, atol=1e-4)
     got = {id(p): s for p, s in layer.clipped_sum(c)}
     torch.testing.assert_close(got[id(conv.weight)], want_sum, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got[id(conv.bias)], want_bias, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("saved,frozen", [(True, None), (False, None), (True, "bias"), (False, "weight")])
+def test_group_norm_rule_matches_autograd(saved: bool, frozen: str | None) -> None:
+    """Per-example GroupNorm gradients from torch's fused kernel with the batch as groups: from the forward's
+    saved statistics and from recomputed ones, with either affine parameter frozen."""
+    torch.manual_seed(0)
+    norm = nn.GroupNorm(4, 8)
+    nn.init.normal_(norm.weight)
+    nn.init.normal_(norm.bias)
+    if frozen is not None:
+        getattr(norm, frozen).requires_grad_(False)
+    a, g, c = torch.randn(5, 8, 6, 6) * 3 + 1, torch.randn(5, 8, 6, 6), torch.rand(5)
+    stats = forward_stats(norm, norm(a)) if saved else None
+    assert (stats is not None) == saved
+    layer = group_norm_rule(norm, a, g, stats)
+    params = [p for p in (norm.weight, norm.bias) if p.requires_grad]
+    want_norms, want_sums = [], [torch.zeros_like(p) for p in params]
+    for b in range(5):
+        grads = torch.autograd.grad(norm(a[b:b + 1]), params, g[b:b + 1])
+        want_norms.append(sum(gr.square().sum() for gr in grads))
+        for total, gr in zip(want_sums, grads, strict=True):
+            total += c[b] * gr
+    torch.testing.assert_close(layer.norm_sq, torch.stack(want_norms), rtol=1e-4, atol=1e-5)
+    got = dict(layer.clipped_sum(c))
+    assert set(got) == set(params)
+    for p, want in zip(params, want_sums, strict=True):
+        torch.testing.assert_close(got[p], want, rtol=1e-4, atol=1e-5)
 
 
 def test_poisson_batches_are_opacus_batches() -> None:

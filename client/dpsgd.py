@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from opacus import PrivacyEngine
+from opacus.optimizers import DPOptimizerFastGradientClipping
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -112,6 +113,15 @@ def _add_canary_rows(dp_optimizer, rows: list[tuple[str, int, float]], names: di
         p.grad_sample = extra if current is None else torch.cat([current, extra], dim=0)
 
 
+def _empty_gradients(dp_optimizer) -> None:  # noqa: ANN001
+    ghost = isinstance(dp_optimizer, DPOptimizerFastGradientClipping)
+    for p in dp_optimizer.params:
+        if ghost:
+            p.grad = torch.zeros_like(p)
+        else:
+            p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+
+
 def _epochs(wrapped: nn.Module, dp_optimizer, criterion, dp_loader, local_epochs: int,  # noqa: ANN001
             canaries: Canaries | None = None, names: dict[int, str] | None = None) -> dict[str, float]:
     total_loss, correct, seen, steps = 0.0, 0, 0, 0
@@ -122,7 +132,10 @@ def _epochs(wrapped: nn.Module, dp_optimizer, criterion, dp_loader, local_epochs
             dp_optimizer.zero_grad(set_to_none=True)
             rows = canaries.rows(steps) if canaries is not None else []
             if len(yb) == 0:
-                # Poisson sampling can draw an empty batch; it still counts as a step (noise only).
+                # Poisson sampling can draw an empty batch; it still counts as a step (noise only). No forward
+                # pass runs on it (GroupNorm refuses empty inputs), so Opacus gets what a backward pass on no
+                # examples would have left: no per-sample gradients, or a zero summed one (ghost clipping).
+                _empty_gradients(dp_optimizer)
                 if rows:
                     _add_canary_rows(dp_optimizer, rows, names or {})
                 dp_optimizer.step()

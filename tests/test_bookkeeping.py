@@ -301,6 +301,24 @@ def test_broken_clipping_is_caught() -> None:
         _assert_same(got, want)
 
 
+@pytest.mark.parametrize("name,mode", [("lstm", "hooks"), ("mlp", "ghost")])
+def test_opacus_modes_step_on_empty_poisson_batches(name: str, mode: str) -> None:
+    """q = 1/20 over 20 examples: about a third of the batches are empty. Opacus' own path (the fallback) must
+    step on them with noise only, as book-keeping does, instead of failing for want of per-sample gradients."""
+    spec = TaskSpec((6,), 4, vocab_size=10) if name == "lstm" else TaskSpec((6,), 4)
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 10, (20, 6)) if name == "lstm" else rng.normal(size=(20, 6)).astype(np.float32)
+    y = rng.integers(0, 4, 20)
+    model = build_model(name, spec, seed=0)
+    before = [p.detach().clone() for p in model.parameters()]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = train_private(model, x, y, _cfg(model=name, batch_size=1, local_epochs=1, momentum=0.0),
+                               noise_multiplier=1.0, max_grad_norm=1.0, seed=0, grad_sample_mode=mode)
+    assert result["steps"] == 20.0 and result["grad-sample-mode"] == mode
+    assert all(not torch.equal(b, p) for b, p in zip(before, model.parameters(), strict=True))
+
+
 def test_lstm_falls_back_to_opacus_and_says_so() -> None:
     spec = TaskSpec((6,), 4, vocab_size=10)
     model = build_model("lstm", spec, seed=0)

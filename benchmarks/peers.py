@@ -9,7 +9,7 @@ model shapes, the same clients' examples (fedpriv computes the split and hands p
 optimizer, cohorts and evaluation (a client cohort on held-out data plus the central test set, every round).
 
 Workloads (issue 12):
-  A  FMNIST cnn, 10 IID clients, all every round, 5 rounds (fedpriv only here: the pfl script has the mlp)
+  A  FMNIST cnn, 10 IID clients, all every round, 5 rounds
   B  FMNIST mlp, 1000 clients (54 train + 6 held-out each), 50 train + 50 evaluate a round, 20 rounds
   C  B + user-level DP (z 1.0, C 1.0): fedpriv samples Poisson and accounts what it simulates; pfl runs a
      fixed cohort of 50 (its Poisson accounting is nominal)
@@ -19,7 +19,7 @@ Each (workload, engine) runs in a fresh process, interleaved over the repeats; w
 (training rounds only: from the first round's start to the last one's end, over the rounds), the median of
 rounds 2..R (the steady pace, without round 1's one-time costs), the process's wall time, and the peak RSS
 of its process tree. Threads: `--threads` (OMP_NUM_THREADS and torch's own
-count, the same for every engine).
+count, the same for every engine); malloc thresholds: MALLOC_ENV, the same for every engine.
 """
 
 from __future__ import annotations
@@ -49,6 +49,10 @@ WORKLOADS: dict[str, dict] = {
           "num-rounds": 20},
 }
 ENGINES = ("pfl", "inprocess", "ray")
+# fedpriv's training sets these malloc thresholds itself (client/allocator.py: without them glibc hands freed
+# memory back after every step and the next step page-faults it in again); every engine gets them here, so
+# pfl and Ray run under the same allocator as fedpriv's in-process engine.
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
 
 
 def install() -> Path:
@@ -92,12 +96,7 @@ offsets, train_idx, val_idx, val_offsets = data["offsets"], data["train_idx"], d
 users = [str(i) for i in range(len(offsets) - 1)]
 
 
-class MLP(nn.Module):
-    def __init__(self, d, c):
-        super().__init__()
-        self.net = nn.Sequential(nn.Flatten(), nn.Linear(d, 256), nn.ReLU(), nn.Linear(256, 128), nn.ReLU(),
-                                 nn.Linear(128, c))
-
+class Peer(nn.Module):
     def forward(self, x):
         return self.net(x)
 
@@ -112,6 +111,24 @@ class MLP(nn.Module):
         n = len(y)
         return {"loss": Weighted(float(nn.functional.cross_entropy(logits, y.long(), reduction="sum")), n),
                 "accuracy": Weighted(float((logits.argmax(1) == y).sum()), n)}
+
+
+class MLP(Peer):  # fedpriv's "mlp": 784-256-128-10, ReLU
+    def __init__(self, shape, c):
+        super().__init__()
+        d = int(np.prod(shape))
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(d, 256), nn.ReLU(), nn.Linear(256, 128), nn.ReLU(),
+                                 nn.Linear(128, c))
+
+
+class CNN(Peer):  # fedpriv's "cnn" at 28x28: two conv3x3 + GroupNorm(8) + tanh + maxpool 2 blocks, 128 hidden
+    def __init__(self, shape, c):
+        super().__init__()
+        channels, side = shape[0], shape[1]
+        self.net = nn.Sequential(
+            nn.Conv2d(channels, 32, 3, padding=1), nn.GroupNorm(8, 32), nn.Tanh(), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1), nn.GroupNorm(8, 64), nn.Tanh(), nn.MaxPool2d(2),
+            nn.Flatten(), nn.Linear(64 * (side // 4) ** 2, 128), nn.Tanh(), nn.Linear(128, c))
 
 
 def user_data(idx):
@@ -131,7 +148,7 @@ def val_fn(uid):
 train_fed = FederatedDataset(train_fn, get_user_sampler("random", users))
 val_fed = FederatedDataset(val_fn, get_user_sampler("random", users))
 central = Dataset(raw_data=[np.load(cfg["x_test"]), data["y_test"]])
-module = MLP(int(np.prod(x_all.shape[1:])), int(cfg["num_classes"]))
+module = {"mlp": MLP, "cnn": CNN}[cfg["model"]](x_all.shape[1:], int(cfg["num_classes"]))
 model = PyTorchModel(model=module,
                      local_optimizer_create=lambda params, lr: torch.optim.SGD(params, lr=lr, momentum=0.9),
                      central_optimizer=torch.optim.SGD(module.parameters(), lr=1.0))
@@ -211,10 +228,9 @@ def write_split(workload: str, folder: Path) -> dict[str, str]:
 
 def pfl_command(workload: str, split: dict, threads: int, result: Path) -> list[str]:
     w = WORKLOADS[workload]
-    if w["model"] != "mlp":
-        raise SystemExit(f"workload {workload}: the pfl script here has the mlp only; run B, C or D")
     cohort = round(w["num-clients"] * w["fraction-train"])
     cfg = {**split, "result": str(result), "threads": threads, "seed": 42, "rounds": w["num-rounds"], "cohort": cohort,
+           "model": w["model"],
            "val_cohort": round(w["num-clients"] * w["fraction-evaluate"]), "lr": 0.05, "batch_size": 64,
            "dp": w.get("dp") == "user", "z": w.get("user-noise-multiplier", 0.0),
            "clip": w.get("user-clipping-norm", 0.0)}
@@ -246,7 +262,7 @@ def fedpriv_result(out_dir: Path) -> dict:
 def run_one(workload: str, engine: str, split: dict, threads: int) -> dict:
     from benchmarks.procmem import run_measured
 
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), **MALLOC_ENV}
     with tempfile.TemporaryDirectory() as tmp:
         if engine == "pfl":
             out = Path(tmp) / "pfl.json"
@@ -306,8 +322,6 @@ def main() -> None:
         for repeat in range(args.repeats):
             for w in args.workloads:
                 for engine in args.engines:
-                    if engine == "pfl" and WORKLOADS[w]["model"] != "mlp":
-                        continue
                     rows.append({"repeat": repeat, **run_one(w, engine, splits.get(w, {}), args.threads)})
                     print(json.dumps(rows[-1]), flush=True)
     result = {"threads": args.threads, "repeats": args.repeats, "rounds": args.rounds or "as defined",

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import LocalDpMod
 
+from client.arrays import array_record
 from client.compression import compress_update
 from client.config import DataConfig, TrainConfig
-from client.devices import client_device
+from client.devices import client_device, to_device
 from client.features import resolve_cache_dir, staged
 from client.guard import load_ledger, owner_budget, plan_round, save_ledger
 from client.reuse import load_global, reusable_model, reusable_optimizer
@@ -78,7 +79,7 @@ def train_round(msg: Message, context: Context) -> Message:
         # A fresh module (Opacus cannot wrap one twice). A model with a fixed feature stage (scatter-*) trains
         # only its head, on features computed once (cached).
         model, data = staged(build_model(cfg.model, data.spec), data, cache_dir)
-        model = load_global(model, msg.content["arrays"]).to(device)
+        model = to_device(load_global(model, msg.content["arrays"]), device)
         ledger = load_ledger(context, data.client_id)
         budget = owner_budget(dp, context)
         # The client calibrates for every round the run may sample it for; its guard refuses any beyond.
@@ -103,13 +104,14 @@ def train_round(msg: Message, context: Context) -> Message:
     else:
         # The process's own module and optimizer, weights loaded in place, state cleared (client/reuse.py).
         model, data = staged(reusable_model(cfg.model, data.spec), data, cache_dir)
-        model = load_global(model, msg.content["arrays"]).to(device)
+        model = to_device(load_global(model, msg.content["arrays"]), device)
         result = train(model, data.x_train, data.y_train, cfg, seed=seed, optimizer=reusable_optimizer(model, cfg))
     metrics = MetricRecord({"train_loss": result["loss"], "train_accuracy": result["accuracy"],
                             "steps": result["steps"], "num-examples": data.num_examples,
                             # user-level DP averages clients uniformly (its noise assumes an unweighted mean)
                             "unit-weight": 1})
-    content = RecordDict({"arrays": ArrayRecord(model.cpu().state_dict()), "metrics": metrics, "meta": _meta(data)})
+    # array_record copies each tensor to the host; the model itself stays on its device for the next round
+    content = RecordDict({"arrays": array_record(model.state_dict()), "metrics": metrics, "meta": _meta(data)})
     if privacy is not None:
         content["privacy"] = privacy
     return Message(content, reply_to=msg)
@@ -145,7 +147,8 @@ def evaluate_round(msg: Message, context: Context) -> Message:
     if len(data.y_val):
         model, data = staged(reusable_model(cfg.model, data.spec), data, resolve_cache_dir(cfg.feature_cache_dir))
         model = load_global(model, msg.content["arrays"])
-        metrics = evaluate(model.to(client_device(context.run_config, context.node_config)), data.x_val, data.y_val)
+        metrics = evaluate(to_device(model, client_device(context.run_config, context.node_config)), data.x_val,
+                           data.y_val)
     metrics["num-examples"] = len(data.y_val)
     return Message(RecordDict({"metrics": MetricRecord(metrics), "meta": _meta(data)}), reply_to=msg)
 

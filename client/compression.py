@@ -25,6 +25,7 @@ from typing import Any, ClassVar
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord
 
+from client.arrays import as_numpy, record_bytes
 from client.config import ConfigError
 
 METHODS = ("none", "int8", "topk")
@@ -161,7 +162,7 @@ def decode(payload: Mapping[str, np.ndarray], method: str,
 
 
 def _numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
-    return {k: v.numpy() for k, v in record.items()}
+    return {k: as_numpy(v) for k, v in record.items()}
 
 
 def compress_update(msg: Message, context: Context, call_next) -> Message:  # noqa: ANN001 - Flower's ClientAppCallable
@@ -171,10 +172,10 @@ def compress_update(msg: Message, context: Context, call_next) -> Message:  # no
     reply = call_next(msg, context)
     if reply.has_error() or "arrays" not in reply.content.array_records:
         return reply  # a refusal or a failure: nothing to compress
-    weights = _numpy(reply.content.array_records["arrays"])
-    dense = payload_bytes(weights)
+    dense = record_bytes(reply.content.array_records["arrays"])
     sent = dense
     if cfg.enabled:
+        weights = _numpy(reply.content.array_records["arrays"])
         residual = _numpy(context.state[RESIDUAL]) if RESIDUAL in context.state.array_records else None
         payload, new_residual = encode(_numpy(msg.content["arrays"]), weights, cfg, residual)
         if new_residual:

@@ -54,3 +54,14 @@ def client_device(run_config: Mapping[str, Any], node_config: Mapping[str, Any])
     if "device" in node_config and str(node_config["device"]):
         return resolve_device(str(node_config["device"]), "node config device (fedpriv client --device)")
     return resolve_device(str(run_config.get("device", "cpu")))
+
+
+def to_device(model: torch.nn.Module, device: torch.device | str) -> torch.nn.Module:
+    """`model.to(device)`, skipped when its first parameter is already there: `.to` walks every submodule even
+    when nothing moves (about 0.5 ms for a small model, paid on every message)."""
+    import torch
+
+    first = next(model.parameters(), None)
+    if first is not None and first.device == torch.device(device):
+        return model
+    return model.to(device)

@@ -7,6 +7,8 @@ import math
 import numpy as np
 from flwr.app import ArrayRecord, Message
 
+from client.arrays import as_numpy
+
 
 def update_problem(reply: Message, reference: ArrayRecord, weight_key: str = "num-examples") -> str | None:
     """Why this training reply must not be aggregated, in one line; None when it is fine."""
@@ -24,7 +26,7 @@ def update_problem(reply: Message, reference: ArrayRecord, weight_key: str = "nu
         got = arrays[key]
         if tuple(got.shape) != tuple(ref.shape):
             return f"update for {key!r} has shape {tuple(got.shape)}, the model has {tuple(ref.shape)}"
-        values = got.numpy()
+        values = as_numpy(got)
         if np.issubdtype(values.dtype, np.floating) and not np.isfinite(values).all():
             return f"update for {key!r} holds NaN or Inf values"
     metrics = content.metric_records.get("metrics")

@@ -210,3 +210,31 @@ def test_client_directory_follows_a_reconnected_client():
     directory.refresh(grid, timeout=10)
     assert directory.by_node == {2: "a", 4: "b", 5: "c"}
     assert [directory.node_of(c) for c in ("a", "b", "c")] == [2, 4, 5]
+
+
+def test_fast_array_codec_writes_np_save_bytes_and_reads_them_back() -> None:
+    """client/arrays.py: the bytes are np.save's exactly (every reader decodes them as before), and reading
+    takes the Array's own dtype and shape, with np.load deciding anything unusual."""
+    import numpy as np
+    import torch
+    from flwr.app import Array
+
+    from client.arrays import array_record, as_numpy, record_bytes, to_array
+
+    cases = [np.random.default_rng(0).random((3, 4)).astype(np.float32), np.arange(10), np.zeros((0, 5), np.float32),
+             np.array(3.0), np.random.default_rng(1).random((4, 3)).T, np.array([True, False]),
+             np.arange(6, dtype=np.int16).reshape(2, 3)]
+    for values in cases:
+        flower = Array(values if values.flags.c_contiguous else np.ascontiguousarray(values))
+        ours = to_array(values)
+        assert ours.data == flower.data
+        assert (ours.dtype, tuple(ours.shape), ours.stype) == (flower.dtype, tuple(flower.shape), flower.stype)
+        back = as_numpy(flower)
+        assert back.dtype == values.dtype and back.shape == values.shape and np.array_equal(back, values)
+    fortran = np.asfortranarray(np.arange(6.0).reshape(2, 3))
+    assert np.array_equal(as_numpy(Array(fortran)), fortran)  # np.load decides a Fortran-ordered .npy
+    state = torch.nn.Linear(5, 3).state_dict()
+    record = array_record(state)
+    assert list(record.keys()) == list(state.keys())
+    assert record_bytes(record) == sum(t.numel() * 4 for t in state.values())
+    assert all(torch.equal(torch.from_numpy(as_numpy(record[k]).copy()), t) for k, t in state.items())

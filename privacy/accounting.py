@@ -352,28 +352,48 @@ def user_level_epsilons(noise_multiplier: float, sampling: str, rounds: int, del
     step = _round_step(noise_multiplier, sampling, num_clients, sample_rate, clients_per_round)
     if rounds == 0:
         return {"rdp": [], "pld": [] if sampling == "poisson" else None}
-    event = _dp_event(step.noise_multiplier, step.sample_rate, step.sampling, step.population)
+    curves = _user_level_curves(step, sampling, delta)
+    curves.extend(rounds)
+    return {"rdp": curves.rdp[:rounds], "pld": None if sampling == "fixed" else curves.pld[:rounds]}
 
-    rdp_acc = dp_rdp.RdpAccountant(neighboring_relation=_relation(sampling))
-    with _quiet_rdp_warnings():
-        rdp_acc.compose(event, 1)
-    # RDP composes additively per order, so r rounds cost r times the one-round curve.
-    one_round, orders = rdp_acc.rdp, rdp_acc.orders
-    rdp_curve = [float(rdp_privacy_accountant.compute_epsilon(orders, r * one_round, delta)[0])
-                 for r in range(1, rounds + 1)]
-    if sampling == "fixed":
-        return {"rdp": rdp_curve, "pld": None}
-    # Build the one-round PLD once and convolve it in round by round: the accountant would rebuild it on
-    # every compose, which costs most of the time. Same construction as dp_accounting's PLDAccountant.
-    one = privacy_loss_distribution.from_gaussian_mechanism(
-        standard_deviation=step.noise_multiplier, sampling_prob=step.sample_rate,
-        value_discretization_interval=PLD_VALUE_INTERVAL, neighboring_relation=_relation("poisson"))
-    composed = one
-    pld_curve = [float(composed.get_epsilon_for_delta(delta))]
-    for _ in range(rounds - 1):
-        composed = composed.compose(one)
-        pld_curve.append(float(composed.get_epsilon_for_delta(delta)))
-    return {"rdp": rdp_curve, "pld": pld_curve}
+
+class _UserLevelCurves:
+    """Epsilon after rounds 1, 2, ... of one user-level setting, extended on demand. A run's privacy record
+    asks for the whole curve after every round; recomputing it each time cost O(rounds) PLD compositions a
+    round (116 ms a round at round 20 here), extending it costs one."""
+
+    def __init__(self, step: Step, sampling: str, delta: float) -> None:
+        self.delta, self.fixed = delta, sampling == "fixed"
+        event = _dp_event(step.noise_multiplier, step.sample_rate, step.sampling, step.population)
+        rdp_acc = dp_rdp.RdpAccountant(neighboring_relation=_relation(sampling))
+        with _quiet_rdp_warnings():
+            rdp_acc.compose(event, 1)
+        # RDP composes additively per order, so r rounds cost r times the one-round curve.
+        self.one_round, self.orders = rdp_acc.rdp, rdp_acc.orders
+        self.rdp: list[float] = []
+        self.pld: list[float] = []
+        self.one = self.composed = None
+        if not self.fixed:
+            # The one-round PLD is built once and convolved in round by round: the accountant would rebuild it
+            # on every compose, which costs most of the time. Same construction as dp_accounting's PLDAccountant.
+            self.one = privacy_loss_distribution.from_gaussian_mechanism(
+                standard_deviation=step.noise_multiplier, sampling_prob=step.sample_rate,
+                value_discretization_interval=PLD_VALUE_INTERVAL, neighboring_relation=_relation("poisson"))
+
+    def extend(self, rounds: int) -> None:
+        for r in range(len(self.rdp) + 1, rounds + 1):
+            self.rdp.append(float(rdp_privacy_accountant.compute_epsilon(self.orders, r * self.one_round,
+                                                                          self.delta)[0]))
+        if self.fixed:
+            return
+        while len(self.pld) < rounds:
+            self.composed = self.one if self.composed is None else self.composed.compose(self.one)
+            self.pld.append(float(self.composed.get_epsilon_for_delta(self.delta)))
+
+
+@functools.lru_cache(maxsize=16)
+def _user_level_curves(step: Step, sampling: str, delta: float) -> _UserLevelCurves:
+    return _UserLevelCurves(step, sampling, delta)
 
 
 def _round_step(z: float, sampling: str, num_clients: int, sample_rate: float | None,

@@ -59,10 +59,10 @@ def weaker_dpsgd_noise(monkeypatch) -> None:
 
 def weaker_user_noise(monkeypatch) -> None:
     """Fault injection: DP-FedAvg adds a tenth of its noise; privacy.json still records the configured one."""
-    import flwr.serverapp.strategy.dp_fixed_clipping as fc
+    import server.userdp as userdp
 
-    real = fc.compute_stdv
-    monkeypatch.setattr(fc, "compute_stdv", lambda z, c, m: 0.1 * real(z, c, m))
+    real = userdp.noise_std
+    monkeypatch.setattr(userdp, "noise_std", lambda strategy: 0.1 * real(strategy))
 
 
 @pytest.mark.parametrize("mode", ["hooks", "bk"])

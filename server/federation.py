@@ -31,7 +31,7 @@ from server.privacy_records import ClientPrivacy, PrivacyTracker
 from server.records import RunRecords
 from server.rounds import LoopSettings, RoundRecord, run_rounds
 from server.secagg import secure_rounds
-from server.strategies import build_strategy
+from server.strategies import build_strategy, fedavg_mean
 from server.userdp import aggregate_user_dp, build_user_dp_strategy
 
 log = logging.getLogger("fedpriv")
@@ -112,6 +112,9 @@ def run_federation(grid: Grid, run_config: Mapping[str, Any], *, progress: bool 
                                      server_cfg.seed, canaries=user_canaries)
     else:
         strategy = build_strategy(server_cfg, proximal_mu=train_cfg.proximal_mu)
+        if server_cfg.strategy == "fedavg":
+            def aggregate(server_round: int, replies: list[Message], arrays: ArrayRecord) -> ArrayRecord | None:
+                return fedavg_mean(replies)
     if isinstance(auditor, SampleCanaryScores | LocalCanaries):
         inner = aggregate or (lambda r, replies, _arrays: strategy.aggregate_train(r, replies)[0])
 

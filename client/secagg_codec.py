@@ -6,11 +6,13 @@ Two codecs, chosen by the server and sent with the collect request:
 - "skellam" (distributed DP, privacy/skellam.py): the whole update is clipped to L2 norm C, rotated by a
   seeded randomized Hadamard transform (spreads it evenly over coordinates, so a few bits suffice), scaled by
   gamma, rounded conditionally (redrawn until its norm is within the bound the accounting assumes) and given
-  its share of Skellam noise, drawn from OS entropy: the server must not be able to predict it.
+  its share of Skellam noise (or, with secagg-noise = discrete-gaussian, of discrete Gaussian noise of the same
+  variance, privacy/ddg.py), drawn from OS entropy: the server must not be able to predict it.
 """
 
 from __future__ import annotations
 
+import math
 import secrets
 from collections.abc import Mapping
 from typing import Any
@@ -19,6 +21,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord
 
 from client.secagg_crypto import SecAggError, from_ring, quantize, to_ring
+from privacy.ddg import sample_discrete_gaussian
 
 MAX_ROUNDING_DRAWS = 1000
 
@@ -94,7 +97,10 @@ def encode_update(old: ArrayRecord, new: ArrayRecord, plan: Mapping[str, Any], s
     # The noise must be unknown to the server, which knows the run seed: it comes from the OS.
     noise_rng = np.random.default_rng(secrets.randbits(128))
     lam = float(plan["lambda"])
-    noise = noise_rng.poisson(lam, d) - noise_rng.poisson(lam, d)
+    if plan.get("noise", "skellam") == "discrete-gaussian":
+        noise = sample_discrete_gaussian(math.sqrt(2 * lam), d, noise_rng)  # the same variance, 2*lambda
+    else:
+        noise = noise_rng.poisson(lam, d) - noise_rng.poisson(lam, d)
     return to_ring(rounded.astype(np.int64) + noise, bits)
 
 

@@ -13,6 +13,8 @@ from typing import Any, ClassVar
 from client.config import ConfigError
 from client.secagg_crypto import MAX_BITS, MIN_BITS
 
+NOISES = ("skellam", "discrete-gaussian")  # as privacy.skellam.NOISES (client/ imports no privacy math here)
+
 
 @dataclass(frozen=True)
 class SecAggConfig:
@@ -22,6 +24,7 @@ class SecAggConfig:
     bits: int = 32  # the ring Z_{2^bits} the masked vectors live in
     clip_range: float = 8.0  # plain SecAgg: each update coordinate is clipped to +-clip_range before quantizing
     stage_timeout: float = 600.0  # seconds each of the four stages waits for replies
+    noise: str = "skellam"  # distributed DP's integer noise: "skellam" or "discrete-gaussian"
 
     DEFAULTS: ClassVar[dict[str, Any]] = {
         "secagg": False,
@@ -30,6 +33,7 @@ class SecAggConfig:
         "secagg-bits": 32,
         "secagg-clip-range": 8.0,
         "secagg-stage-timeout": 600.0,
+        "secagg-noise": "skellam",
     }
 
     def __post_init__(self) -> None:
@@ -47,6 +51,9 @@ class SecAggConfig:
             raise ConfigError(f"secagg-clip-range = {self.clip_range} must be a finite number > 0")
         if not self.stage_timeout > 0:
             raise ConfigError(f"secagg-stage-timeout = {self.stage_timeout} must be > 0")
+        if self.noise not in NOISES:
+            raise ConfigError(f"secagg-noise = {self.noise!r} is not one of {', '.join(NOISES)}; distributed DP "
+                              "adds Skellam or discrete Gaussian integer noise")
 
     def holders(self, sampled: int) -> int:
         """Share holders per client when `sampled` clients take part (the graph is complete below `shares`)."""
@@ -85,4 +92,5 @@ class SecAggConfig:
 
         return cls(enabled=get("secagg", bool), shares=get("secagg-shares", int),
                    threshold=get("secagg-threshold", int), bits=get("secagg-bits", int),
-                   clip_range=get("secagg-clip-range", float), stage_timeout=get("secagg-stage-timeout", float))
+                   clip_range=get("secagg-clip-range", float), stage_timeout=get("secagg-stage-timeout", float),
+                   noise=str(rc.get("secagg-noise", d["secagg-noise"])).lower())

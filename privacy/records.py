@@ -2,7 +2,7 @@
 
 Top level: schema_version, delta, sample_level, user_level, local, library_versions (exactly these keys),
   plus, only for runs with secure aggregation, secure_aggregation: {protocol, trust_model, threshold, shares,
-  bits, survivors_per_round, distributed_dp (null or the Skellam plan and its epsilons)}.
+  bits, survivors_per_round, distributed_dp (null or the Skellam / discrete Gaussian plan and its epsilons)}.
   sample_level: null or {accountant, clients: [client, ...]}
     client: {client_id, num_examples, noise_multiplier, max_grad_norm, sample_rate, steps_per_round,
              epsilon_per_round, rounds, epsilon, budget ({epsilon, delta} or null), refused_rounds}, plus

@@ -712,11 +712,7 @@ def _secure_section(sec: dict[str, Any], delta: float) -> list[Block]:
         w = where + ".distributed_dp"
         amplified = _num(ddp, "epsilon_amplified", w)
         blocks += [
-            Para("Distributed DP: the user-level noise above is not added by the server. Each client adds "
-                 "integer Skellam noise to its rotated, scaled, rounded update before masking; the sum of the "
-                 "survivors' noise is the mechanism's noise. The user-level epsilon is the Skellam RDP bound "
-                 "(Agarwal, Kairouz, Liu 2021) at the number of clients that survived each round, with no "
-                 "credit for client sampling."),
+            Para(_distributed_noise_words(ddp)),
             Table(("delta", "epsilon (no sampling credit: holds against the server)",
                    "epsilon (Poisson sampling credited: not against the server)"),
                   ((fmt_delta(delta), fmt_epsilon(_num(ddp, "epsilon", w)),
@@ -997,3 +993,16 @@ def register(subparsers: Any) -> None:
                     "config.toml in RUN_DIR.")
     parser.add_argument("run_dir", metavar="RUN_DIR", help="output folder of a DP training run")
     parser.set_defaults(func=run_report)
+
+
+def _distributed_noise_words(ddp: dict) -> str:
+    """What the distributed DP paragraph says, by the noise the clients added."""
+    if ddp.get("noise") == "discrete-gaussian":
+        noise, bound = "discrete Gaussian", ("the distributed discrete Gaussian RDP bound (Kairouz, Liu, Steinke "
+                                             "2021, Proposition 14)")
+    else:
+        noise, bound = "Skellam", "the Skellam RDP bound (Agarwal, Kairouz, Liu 2021)"
+    return (f"Distributed DP: the user-level noise above is not added by the server. Each client adds integer "
+            f"{noise} noise to its rotated, scaled, rounded update before masking; the sum of the survivors' "
+            f"noise is the mechanism's noise. The user-level epsilon is {bound} at the number of clients that "
+            "survived each round, with no credit for client sampling.")

@@ -23,6 +23,7 @@ from dp_accounting.rdp.rdp_privacy_accountant import compute_epsilon as rdp_to_e
 from scipy.special import gammaln, logsumexp
 
 from privacy.accounting import PrivacyError
+from privacy.ddg import discrete_gaussian_rdp
 
 ORDERS = tuple(range(2, 257))  # integer orders: the amplification bound needs them
 BETA = math.exp(-0.5)  # conditional rounding: a draw is kept with probability >= 1 - BETA
@@ -50,6 +51,13 @@ class SkellamPlan:
     gamma: float  # scale: one unit of the integer grid is 1/gamma in the update's units
     norm_bound: float  # D2: the L2 norm every client's rounded, scaled vector is held to
     client_lambda: float  # each client's Poisson mean: its noise is Sk(client_lambda, client_lambda)
+    # "skellam", or "discrete-gaussian" (privacy/ddg.py): N_Z(0, 2*client_lambda), the same variance
+    noise: str = "skellam"
+
+    @property
+    def client_scale(self) -> float:
+        """Each client's noise standard deviation in grid units (sqrt of the variance 2*lambda)."""
+        return math.sqrt(2 * self.client_lambda)
 
     @property
     def l1_bound(self) -> float:
@@ -64,12 +72,17 @@ class SkellamPlan:
         return {**asdict(self), "l1_bound": self.l1_bound, "inflation": self.inflation}
 
 
+NOISES = ("skellam", "discrete-gaussian")
+
+
 def plan_skellam(clip_norm: float, noise_multiplier: float, bits: int, dim: int, threshold: int,
-                 max_clients: int) -> SkellamPlan:
+                 max_clients: int, noise: str = "skellam") -> SkellamPlan:
     """Choose gamma so that `max_clients` rotated updates plus the noise fit in Z_{2^bits} with high
     probability (a wrap costs accuracy, never privacy: the modular sum is post-processing of the noisy sum)."""
     if not (clip_norm > 0 and noise_multiplier > 0):
         raise PrivacyError("distributed DP needs user-clipping-norm > 0 and user-noise-multiplier > 0")
+    if noise not in NOISES:
+        raise PrivacyError(f"secagg-noise = {noise!r} is not one of {', '.join(NOISES)}")
     if not 2 <= threshold <= max_clients:
         raise PrivacyError(f"secagg-threshold = {threshold} must be in 2..{max_clients} (the clients sampled)")
     d = padded_dim(dim)
@@ -89,7 +102,7 @@ def plan_skellam(clip_norm: float, noise_multiplier: float, bits: int, dim: int,
                            f"{norm_bound / g:.2f}x; raise secagg-bits (e.g. to {min(62, bits + 8)})")
     sigma = noise_multiplier * g  # the central noise std, in grid units, once `threshold` clients survive
     return SkellamPlan(bits, dim, d, clip_norm, noise_multiplier, threshold, max_clients, gamma, norm_bound,
-                       sigma**2 / (2 * threshold))
+                       sigma**2 / (2 * threshold), noise)
 
 
 def skellam_rdp(l2: float, l1: float, mu: float, orders: tuple[int, ...] = ORDERS) -> np.ndarray:
@@ -126,7 +139,11 @@ def _log_comb(n: int, k: int) -> float:
 
 def round_rdp(plan: SkellamPlan, survivors: int, sample_rate: float | None = None) -> np.ndarray:
     """RDP of one released round whose sum holds `survivors` clients' noise; amplified when sample_rate is given."""
-    rdp = skellam_rdp(plan.norm_bound, plan.l1_bound, survivors * plan.client_lambda)
+    if plan.noise == "discrete-gaussian":
+        rdp = discrete_gaussian_rdp(plan.norm_bound, plan.l1_bound, plan.client_scale, survivors, plan.padded_dim,
+                                    ORDERS)
+    else:
+        rdp = skellam_rdp(plan.norm_bound, plan.l1_bound, survivors * plan.client_lambda)
     return amplified_rdp(rdp, sample_rate) if sample_rate is not None else rdp
 
 

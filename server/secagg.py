@@ -54,7 +54,7 @@ class SecureRounds:
         self.plan: SkellamPlan | None = None
         if "user" in dp.modes:
             self.plan = plan_skellam(dp.user_clipping_norm, dp.user_noise_multiplier, cfg.bits, dim,
-                                     self.threshold, max(self.max_clients, self.threshold))
+                                     self.threshold, max(self.max_clients, self.threshold), noise=cfg.noise)
         self.survivors_per_round: list[int] = []  # released rounds only: what the accountant composes
 
     def codec(self, server_round: int) -> dict[str, Any]:
@@ -65,7 +65,8 @@ class SecureRounds:
         p = self.plan
         return {"codec": "skellam", "bits": bits, "gamma": p.gamma, "clip-norm": p.clip_norm,
                 "rotation-seed": int(np.random.SeedSequence([self.seed, server_round, 7]).generate_state(1)[0]),
-                "padded-dim": p.padded_dim, "lambda": p.client_lambda, "norm-bound": p.norm_bound}
+                "padded-dim": p.padded_dim, "lambda": p.client_lambda, "norm-bound": p.norm_bound,
+                "noise": p.noise}
 
     def __call__(self, server_round: int, record: RoundRecord, directory: ClientDirectory,
                  arrays: ArrayRecord) -> ArrayRecord | None:

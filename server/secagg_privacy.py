@@ -1,5 +1,6 @@
 """What privacy.json says about secure aggregation: the trust model in plain words and, for distributed DP,
-the Skellam accounting over the rounds actually released, with the number of clients that actually survived.
+the Skellam (or distributed discrete Gaussian) accounting over the rounds actually released, with the number
+of clients that actually survived.
 """
 
 from __future__ import annotations
@@ -11,6 +12,19 @@ from privacy.skellam import epsilon_curve
 if TYPE_CHECKING:
     from server.privacy_records import PrivacyTracker
     from server.secagg import SecureRounds
+
+
+MECHANISMS = {
+    "skellam": "Skellam (Agarwal, Kairouz, Liu 2021), RDP converted by dp_accounting",
+    "discrete-gaussian": "distributed discrete Gaussian (Kairouz, Liu, Steinke 2021, Proposition 14), RDP "
+                         "converted by dp_accounting",
+}
+
+
+def _noise_words(secure: SecureRounds) -> str:
+    if secure.plan is not None and secure.plan.noise == "discrete-gaussian":
+        return "discrete Gaussian noise"
+    return "Skellam noise"
 
 
 def trust_model(secure: SecureRounds, modes: frozenset[str]) -> str:
@@ -26,7 +40,7 @@ def trust_model(secure: SecureRounds, modes: frozenset[str]) -> str:
     if "user" in modes:
         words += (
             " Distributed DP: every client clips its whole update, rotates, scales and rounds it, and adds its "
-            f"own share of Skellam noise, sized so that any {t} survivors' noise already sums to the full "
+            f"own share of {_noise_words(secure)}, sized so that any {t} survivors' noise already sums to the full "
             "noise: the server never sees an un-noised sum. Epsilon counts the clients that actually survived "
             "each round. 'epsilon' gives no credit for client sampling: the server chose the sample, so it gets "
             "no amplification. 'epsilon_amplified' credits Poisson client sampling and holds only against "
@@ -60,7 +74,7 @@ def secure_sections(secure: SecureRounds, tracker: PrivacyTracker) -> tuple[dict
     amplified = (epsilon_curve(plan, n, dp.delta, sample_rate=tracker.fraction)
                  if dp.client_sampling == "poisson" else None)
     section["distributed_dp"] = {
-        "mechanism": "Skellam (Agarwal, Kairouz, Liu 2021), RDP converted by dp_accounting",
+        "mechanism": MECHANISMS[plan.noise],
         **plan.as_dict(),
         "epsilon": plain[-1] if plain else 0.0,
         "epsilon_per_round": plain,

@@ -61,6 +61,7 @@ def add_run_flags(parser: argparse.ArgumentParser) -> None:
     d.add_argument("--secagg-shares", type=int, help="share holders per client, itself included (0 = all sampled)")
     d.add_argument("--secagg-threshold", type=int, help="survivors needed to release a round (0 = a majority)")
     d.add_argument("--secagg-bits", type=int, help="masked vectors live in Z_2^bits (8..62)")
+    d.add_argument("--secagg-noise", help="distributed DP's integer noise: skellam (default) | discrete-gaussian")
     g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any other run-config key, e.g. --set server-learning-rate=0.01 (repeatable)")
 
@@ -86,7 +87,8 @@ RUN_FLAGS = ["dataset", "data-dir", "model", "num-clients", "rounds", "fraction-
              "local-epochs", "batch-size", "optimizer", "lr", "momentum", "weight-decay", "partition", "strategy",
              "proximal-mu", "seed", "out", "dp", "max-grad-norm", "noise-multiplier", "target-epsilon", "delta",
              "accountant", "budget-epsilon", "budget-delta", "user-noise-multiplier", "user-clipping-norm",
-             "client-sampling", "secagg", "secagg-shares", "secagg-threshold", "secagg-bits", "device", "compress"]
+             "client-sampling", "secagg", "secagg-shares", "secagg-threshold", "secagg-bits", "secagg-noise", "device",
+             "compress"]
 
 
 def node_configs(configs: Configs) -> list[dict[str, Any]]:

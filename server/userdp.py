@@ -1,8 +1,10 @@
 """User-level DP at the server: DP-FedAvg over clipped client updates with Gaussian noise on their mean.
 
-Flower's `DifferentialPrivacyServerSideFixedClipping` clips each update and adds noise z*C/m to the
-aggregate, which is right only for an unweighted mean over exactly m updates. fedpriv makes that hold:
-- clients are averaged uniformly (FedAvg weighted by the `unit-weight` every client reports);
+The mechanism is that of Flower's `DifferentialPrivacyServerSideFixedClipping` (each update clipped, noise
+z*C/m on the aggregate), computed here by `aggregate_user_dp`; the Flower object built below holds the
+settings and configures the rounds. Its noise is right only for an unweighted mean over exactly m updates,
+and fedpriv makes that hold:
+- clients are summed uniformly, whatever weight they report;
 - the mean always has a fixed denominator D: missing, refused or dropped clients count as zero updates, so a
   dropout cannot shrink the denominator and inflate one client's influence beyond what the noise covers;
 - fixed-size sampling (m of N): denominator m. Poisson sampling (rate q): the noisy mean is taken over all N

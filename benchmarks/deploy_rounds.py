@@ -91,7 +91,9 @@ def _stop(proc: subprocess.Popen) -> None:
 
 def run_deployed(files: list[Path], certs: Path, rounds: int, out_dir: Path, executor: str, work: Path,
                  dataset: str, model: str, extra: dict[str, str]) -> None:
-    env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
+    # The checkout first, then whatever the caller already had on the path (e.g. packages installed with --target).
+    path = os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH"))))
+    env = dict(os.environ, PYTHONPATH=path, PYTHONUNBUFFERED="1")
     address = f"127.0.0.1:{_free_port()}"
     threads = max(1, (os.cpu_count() or 1) // len(files))
     procs = []

@@ -28,6 +28,8 @@ def main() -> None:
     parser.add_argument("--epsilon", type=float, default=8.0)
     parser.add_argument("--held-out", type=int, default=3000, help="held-out windows for perplexity")
     parser.add_argument("--variants", default="none,sample")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--device", default="cpu", help="where clients and the server train and evaluate")
     parser.add_argument("--work", default="/tmp/fedpriv-textgen")
     parser.add_argument("--out", default="benchmarks/results/textgen.json")
     args = parser.parse_args()
@@ -35,7 +37,8 @@ def main() -> None:
     for dp in args.variants.split(","):
         keys = {"dataset": "shakespeare", "model": args.model, "partition": "natural", "num-clients": args.clients,
                 "num-rounds": args.rounds, "local-epochs": args.local_epochs, "optimizer": "adam",
-                "learning-rate": args.lr, "batch-size": 64, "fraction-evaluate": 0.25,
+                "learning-rate": args.lr, "batch-size": args.batch_size, "fraction-evaluate": 0.25,
+                "device": args.device,
                 "out-dir": str(Path(args.work) / f"{args.model}-{dp}")}
         if dp == "sample":
             keys.update({"dp": "sample", "target-epsilon": args.epsilon, "delta": 1e-5, "max-grad-norm": 1.0})
@@ -58,7 +61,8 @@ def main() -> None:
             "seconds": round(seconds, 1),
         })
         print(json.dumps(results[-1]), flush=True)
-    meta = {k: getattr(args, k) for k in ("model", "clients", "rounds", "local_epochs", "lr", "epsilon")}
+    meta = {k: getattr(args, k) for k in ("model", "clients", "rounds", "local_epochs", "lr", "epsilon",
+                                          "batch_size", "device")}
     meta["load_average"] = os.getloadavg()
     Path(args.out).write_text(json.dumps({"setup": meta, "results": results}, indent=1))
 

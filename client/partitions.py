@@ -21,7 +21,7 @@ from client.datasets import DataError
 KINDS: tuple[str, ...] = ("iid", "dirichlet", "pathological", "natural")
 FORMS = "'iid', 'dirichlet:ALPHA' (ALPHA > 0), 'pathological:K' (integer K >= 1) or 'natural'"
 # Datasets that carry a natural client id per training example (Dataset.groups).
-NATURAL_DATASETS: tuple[str, ...] = ("shakespeare",)
+NATURAL_DATASETS: tuple[str, ...] = ("shakespeare", "vader-sentiment")
 
 
 @dataclass(frozen=True)

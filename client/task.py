@@ -36,9 +36,10 @@ def client_seed(seed: int, server_round: int, client_id: str) -> int:
 
 
 @lru_cache(maxsize=4)
-def _partitions(dataset: str, data_dir: str, partition: str, num_clients: int, seed: int) -> tuple[np.ndarray, ...]:
+def _partitions(dataset: str, data_dir: str, partition: str, num_clients: int, seed: int,
+                max_length: int = 0) -> tuple[np.ndarray, ...]:
     # Cached because a simulated client is rebuilt for every message: without it every round re-partitions.
-    ds = load_dataset(dataset, data_dir or None)
+    ds = load_dataset(dataset, data_dir or None, max_length or None)
     return tuple(partition_indices(ds.y_train, partition, num_clients, seed, groups=ds.groups))
 
 
@@ -46,8 +47,9 @@ def partition_data(cfg: DataConfig, partition_id: int) -> ClientData:
     """Partition `partition_id` of cfg.dataset, split into local train and held-out parts."""
     if not 0 <= partition_id < cfg.num_clients:
         raise DataError(f"partition-id {partition_id} is out of range for num-clients {cfg.num_clients}")
-    ds = load_dataset(cfg.dataset, cfg.data_dir or None)
-    indices = _partitions(cfg.dataset, cfg.data_dir, cfg.partition, cfg.num_clients, cfg.seed)[partition_id]
+    ds = load_dataset(cfg.dataset, cfg.data_dir or None, cfg.text_max_length)
+    indices = _partitions(cfg.dataset, cfg.data_dir, cfg.partition, cfg.num_clients, cfg.seed,
+                          cfg.text_max_length)[partition_id]
     train_idx, val_idx = holdout_split(indices, cfg.holdout_fraction, cfg.seed + partition_id)
     return ClientData(str(partition_id), ds.x_train[train_idx], ds.y_train[train_idx], ds.x_train[val_idx],
                       ds.y_train[val_idx], ds.spec)
@@ -56,7 +58,7 @@ def partition_data(cfg: DataConfig, partition_id: int) -> ClientData:
 def file_data(path: str | Path, cfg: DataConfig, client_id: str | None = None) -> ClientData:
     """A data owner's own file, checked against the run's task (shape and label set of cfg.dataset)."""
     x, y = load_local_file(path)
-    spec = load_dataset(cfg.dataset, cfg.data_dir or None).spec
+    spec = load_dataset(cfg.dataset, cfg.data_dir or None, cfg.text_max_length).spec
     if tuple(x.shape[1:]) != tuple(spec.input_shape):
         raise DataError(f"{path}: examples have shape {tuple(x.shape[1:])}, the run's {cfg.dataset} model needs "
                         f"{tuple(spec.input_shape)}; reshape the file or join a run for this data")

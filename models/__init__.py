@@ -27,7 +27,7 @@ def __getattr__(name: str) -> Any:
         raise AttributeError(f"module 'models' has no attribute {name!r}")
     module = importlib.import_module(_EXPORTS[name])
     # Imported for their @register_model side effect: this fills the registry.
-    from models import dense, scatter, sequence, vision  # noqa: F401
+    from models import dense, minilm, scatter, sequence, vision  # noqa: F401
 
     value = getattr(module, name)
     globals()[name] = value

@@ -71,7 +71,7 @@ def test_loads_are_cached_deterministic_and_read_only() -> None:
 def test_unknown_dataset_lists_the_choices() -> None:
     with pytest.raises(DataError, match="unknown dataset 'mnist'; choose one of: digits, breast-cancer"):
         load_dataset("mnist")
-    assert DATASETS == ("digits", "breast-cancer", "fashion-mnist", "shakespeare")
+    assert DATASETS == ("digits", "breast-cancer", "fashion-mnist", "shakespeare", "vader-sentiment")
 
 
 # ---------------------------------------------------------------- Fashion-MNIST

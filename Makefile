@@ -50,7 +50,7 @@ data: $(VADER)
 	fi
 
 # The sdist as published (not built): its additional_resources/ hold the gold-standard texts.
-$(VADER): $(STAMP)
+$(VADER): | $(STAMP)
 	$(BIN)/python -m pip download -q --no-deps --no-binary :all: -d $(dir $(VADER)) vaderSentiment==3.3.2
 
 # Headless Chromium renders comparison.html in tests/test_comparison_html.py (Debian package chromium).

@@ -5,7 +5,8 @@
     .venv/bin/python -m benchmarks.gpu_check --dataset digits --model mlp --rounds 10
 
 Without a CUDA device it says so and exits 0 (nothing to compare). The two runs share every setting and seed;
-a GPU's sums differ from the CPU's in the last bits, so accuracies agree to about a point, not exactly.
+a GPU's sums differ from the CPU's in the last bits, so accuracies agree to about a point, not exactly. It exits 1
+when a client reply was dropped on either device or the accuracies differ by more than MAX_ACCURACY_GAP.
 """
 
 from __future__ import annotations
@@ -16,6 +17,9 @@ import logging
 import tempfile
 import time
 from pathlib import Path
+
+# The same seeded job on two devices differs only in the last bits of its sums: a point or two of accuracy.
+MAX_ACCURACY_GAP = 0.05
 
 
 def run_once(device: str, args: argparse.Namespace, out: Path) -> dict:
@@ -31,8 +35,10 @@ def run_once(device: str, args: argparse.Namespace, out: Path) -> dict:
     started = time.perf_counter()
     run_dir = simulate(config)
     seconds = time.perf_counter() - started
-    final = json.loads((run_dir / "metrics.json").read_text())["rounds"][-1]
-    return {"device": device, "seconds": round(seconds, 1), "accuracy": round(final["server"]["accuracy"], 4)}
+    rounds = json.loads((run_dir / "metrics.json").read_text())["rounds"]
+    dropped = [d for r in rounds for d in r.get("dropped", [])]
+    return {"device": device, "seconds": round(seconds, 1), "accuracy": round(rounds[-1]["server"]["accuracy"], 4),
+            "dropped_replies": len(dropped), "first_drop": dropped[0]["reason"] if dropped else None}
 
 
 def main() -> int:
@@ -62,6 +68,16 @@ def main() -> int:
           f"{gpu['accuracy']:.4f} vs {cpu['accuracy']:.4f} ({gpu['accuracy'] - cpu['accuracy']:+.4f})")
     if args.out:
         Path(args.out).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
+    # A client that fails on one device is dropped and the run goes on with the model unchanged: say so, and
+    # fail, rather than print a speed-up of work that was never done.
+    for row in rows:
+        if row["dropped_replies"]:
+            print(f"FAILED: on {row['device']}, {row['dropped_replies']} client replies were dropped; the first: "
+                  f"{row['first_drop']}")
+            return 1
+    if abs(gpu["accuracy"] - cpu["accuracy"]) > MAX_ACCURACY_GAP:
+        print(f"FAILED: the accuracies differ by more than {MAX_ACCURACY_GAP}: the devices did not do the same work")
+        return 1
     return 0
 
 

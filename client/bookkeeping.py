@@ -200,7 +200,8 @@ def _add_canaries(sums: dict[nn.Parameter, torch.Tensor], rows: list[tuple[str, 
 
 def gaussian_noise(std: float, reference: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """N(0, std^2) of `reference`'s shape: the one place BK draws its noise (the audit's tests break it here)."""
-    return torch.normal(0.0, std, size=reference.shape, generator=generator, dtype=reference.dtype)
+    return torch.normal(0.0, std, size=reference.shape, generator=generator, dtype=reference.dtype,
+                        device=reference.device)
 
 
 @dataclass
@@ -247,17 +248,18 @@ def train_bookkeeping(model: nn.Module, x: np.ndarray, y: np.ndarray, cfg: Train
                            "give this client data or leave it out of sample-level DP")
     batches = max(1, math.ceil(num_examples / cfg.batch_size))
     sample_rate = 1 / batches  # what DPPlan.for_round records and Opacus uses
-    sampling = torch.Generator().manual_seed(seed)
+    sampling = torch.Generator().manual_seed(seed)  # indices are drawn on the host, as Opacus' loader does
+    device = next(model.parameters()).device  # the data stays on the host; each batch goes to the model
     keeper = BookKeeper(model)
     step = NoisyStep(keeper, make_optimizer(model.parameters(), cfg), max_grad_norm, noise_multiplier * max_grad_norm,
                      expected_batch=int(num_examples * sample_rate),  # Opacus: int(len(dataset) * sample_rate)
-                     noise=torch.Generator().manual_seed(seed + 1))
+                     noise=torch.Generator(device=device).manual_seed(seed + 1))  # Opacus' draws need it there
     model.train()
     total_loss, correct, seen, steps = 0.0, 0, 0, 0
     try:
         for _ in range(cfg.local_epochs):
             for idx in poisson_batches(num_examples, sample_rate, batches, sampling):
-                xb, yb = xt[idx], yt[idx]
+                xb, yb = xt[idx].to(device), yt[idx].to(device)
                 logits = step(xb, yb, canaries.rows(steps) if canaries is not None else None)
                 steps += 1
                 if len(yb):

@@ -86,7 +86,9 @@ def train_private(model: nn.Module, x: np.ndarray, y: np.ndarray, cfg: TrainConf
         private = engine.make_private(
             module=model, optimizer=optimizer, criterion=criterion, data_loader=loader,
             noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm, poisson_sampling=True,
-            noise_generator=torch.Generator().manual_seed(seed + 1), grad_sample_mode=mode,
+            # On the model's device: Opacus draws the noise there, and a generator elsewhere is an error.
+            noise_generator=torch.Generator(device=next(model.parameters()).device).manual_seed(seed + 1),
+            grad_sample_mode=mode,
         )
     if mode == "ghost":
         wrapped, dp_optimizer, criterion, dp_loader = private
@@ -104,7 +106,7 @@ def _add_canary_rows(dp_optimizer, rows: list[tuple[str, int, float]], names: di
     """Append one per-example gradient per canary row to every parameter's grad_sample: zero everywhere
     except the row's coordinate."""
     for p in dp_optimizer.params:
-        extra = torch.zeros((len(rows), *p.shape), dtype=p.dtype)
+        extra = torch.zeros((len(rows), *p.shape), dtype=p.dtype, device=p.device)
         flat = extra.view(len(rows), -1)
         for i, (name, index, value) in enumerate(rows):
             if name == names[id(p)]:

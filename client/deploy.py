@@ -265,8 +265,9 @@ def preflight(settings: ClientSettings) -> str:
 # pull that brings no message and 0.5 s between looks for the ClientApp's reply: up to 3.5 s of latency per
 # message, twice a round. Those are `time.sleep` calls of flwr.supernode.start_client_internal, so that
 # module alone gets a `time` whose sleep is capped (should a later Flower move them, this does nothing rather
-# than fail). The price: an idle SuperNode sends 1/poll small requests a second instead of 1/3. Run with
-# `python -c` so that the SuperNode does not import torch through the client package.
+# than fail). The price: an idle SuperNode sends 1/poll small requests a second instead of 1/3. Its waits for
+# a message's objects start at 10 ms instead of 1 s (client/flower_pulls.py). Run with `python -c` so that the
+# SuperNode does not import torch through the client package.
 POLLING_SUPERNODE = """
 import sys, time
 import flwr.supernode.start_client_internal as loop
@@ -285,6 +286,9 @@ class CappedTime:
 
 
 loop.time = CappedTime()
+from client.flower_pulls import shorten_object_waits  # no torch: client's __init__ imports lazily
+
+shorten_object_waits()
 sys.argv = ["flower-supernode", *sys.argv[2:]]
 flower_supernode()
 """
@@ -483,8 +487,10 @@ def serve_forked_tasks(runtime_api_address: str, warm_dataset: str | None = None
 
     import client.app  # noqa: F401  (imported for its side effect: everything a task needs, once)
     import client.dpsgd  # noqa: F401  (Opacus: client.app imports it lazily, at a DP round; every child inherits it)
+    from client.flower_pulls import shorten_object_waits
 
     trusted = TrustedApp.installed()  # hashed once, from the code this process has imported
+    shorten_object_waits()  # every forked task inherits it
 
     if warm_dataset:
         from client.datasets import load_dataset

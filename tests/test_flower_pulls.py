@@ -1,0 +1,50 @@
+"""Short first waits for objects still on their way (client/flower_pulls.py, server/rounds.py): an object that
+arrives 50 ms late costs about 50 ms, not Flower's 1 s first backoff, and the patches land where Flower looks."""
+
+from __future__ import annotations
+
+import time
+
+from flwr.supercore.inflatable.inflatable_utils import ObjectUnavailableError, pull_objects
+
+from client.flower_pulls import quick_retries, shorten_object_waits
+from server.rounds import shorten_reply_object_waits
+
+
+def late_object(delay: float):  # noqa: ANN201
+    ready_at = time.monotonic() + delay
+
+    def pull(object_id: str) -> bytes:
+        if time.monotonic() < ready_at:
+            raise ObjectUnavailableError(object_id)
+        return b"content of " + object_id.encode()
+
+    return pull
+
+
+def timed(pull) -> float:  # noqa: ANN001
+    started = time.monotonic()
+    assert pull(["a", "b"], pull_object_fn=late_object(0.05)) == {"a": b"content of a", "b": b"content of b"}
+    return time.monotonic() - started
+
+
+def test_a_late_object_costs_its_delay_not_a_second() -> None:
+    assert timed(quick_retries(pull_objects)) < 0.4
+    assert timed(pull_objects) > 0.7  # Flower's own first retry: what the patch removes
+
+
+def test_the_patches_replace_flowers_module_globals_once() -> None:
+    import flwr.superlink.grid.http_grid as http_grid
+    import flwr.supernode.runtime.run_clientapp as task
+    import flwr.supernode.start_client_internal as node
+
+    saved = (task.pull_and_inflate_object_from_tree, node.pull_objects, http_grid.pull_objects)
+    try:
+        shorten_object_waits()
+        shorten_object_waits()
+        shorten_reply_object_waits()
+        for patched in (task.pull_and_inflate_object_from_tree, node.pull_objects, http_grid.pull_objects):
+            assert patched.quick_retries and patched.keywords["initial_backoff"] == 0.01
+            assert not hasattr(patched.func, "keywords")  # not wrapped twice
+    finally:
+        task.pull_and_inflate_object_from_tree, node.pull_objects, http_grid.pull_objects = saved

@@ -48,3 +48,28 @@ def test_the_patches_replace_flowers_module_globals_once() -> None:
             assert not hasattr(patched.func, "keywords")  # not wrapped twice
     finally:
         task.pull_and_inflate_object_from_tree, node.pull_objects, http_grid.pull_objects = saved
+
+
+def test_a_warmed_executor_imports_nothing_at_a_tasks_first_step() -> None:
+    """What a forked task would otherwise import when it builds its first optimizer (torch._dynamo, about half
+    a second) is already in the executor: a fresh interpreter, warmed, then one real training step."""
+    import subprocess
+    import sys
+
+    code = """
+import sys
+import client.app, client.deploy
+from client.datasets import load_dataset
+ds = load_dataset("digits")
+client.deploy.warm_optimizer()
+from client.config import TrainConfig
+from client.reuse import reusable_model, reusable_optimizer
+from client.training import train
+cfg = TrainConfig.from_run_config({"model": "mlp", "local-epochs": 1, "batch-size": 64, "learning-rate": 0.05})
+before = set(sys.modules)
+model = reusable_model("mlp", ds.spec)
+train(model, ds.x_train[:64], ds.y_train[:64], cfg, seed=0, optimizer=reusable_optimizer(model, cfg))
+print(sorted(set(sys.modules) - before))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "[]", out.stdout[:400]

@@ -33,7 +33,7 @@ from cryptography.hazmat.primitives.serialization import load_ssh_private_key
 
 from client.config import ConfigError, DataConfig
 from client.datasets import DATASETS
-from client.devices import resolve_device
+from client.devices import check_device_name, resolve_device
 from client.localfile import load_local_file
 from client.paths import input_file, output_dir
 from client.processes import die_with_parent, flower_bin, flower_env, start_group, stop_group
@@ -176,7 +176,10 @@ class ClientSettings:
 
     def __post_init__(self) -> None:
         parse_address(self.superlink)
-        resolve_device(self.device, "--device")  # this machine's hardware, checked before anything starts
+        # This machine's hardware, checked before anything starts; "cpu" needs no torch in this process, which
+        # only supervises the SuperNode and the executor (torch would add about 300 MB to every client).
+        if check_device_name(self.device, "--device") != "cpu":
+            resolve_device(self.device, "--device")
         if self.insecure and (self.root_cert or self.key):
             raise ClientDeployError("--insecure with certificates or a key: choose TLS (--certs, or "
                                     "--root-cert and --key) or --insecure, not both")

@@ -1,5 +1,5 @@
-"""Short first waits for objects still on their way (client/flower_pulls.py, server/rounds.py): an object that
-arrives 50 ms late costs about 50 ms, not Flower's 1 s first backoff, and the patches land where Flower looks."""
+"""What a deployed round no longer pays: Flower's 1 s first wait for an object still on its way (client/flower_pulls.py,
+server/rounds.py), torch's compiler imports in every forked task, and torch in the client's supervising process."""
 
 from __future__ import annotations
 
@@ -73,3 +73,22 @@ print(sorted(set(sys.modules) - before))
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == "[]", out.stdout[:400]
+
+
+def test_the_client_supervisor_does_not_import_torch_for_a_cpu_client(tmp_path) -> None:  # noqa: ANN001
+    """`fedpriv client` supervises a SuperNode and the executor; torch there would cost every client ~300 MB."""
+    import subprocess
+    import sys
+
+    code = f"""
+import sys
+from pathlib import Path
+from client.deploy import ClientSettings
+ClientSettings(superlink="127.0.0.1:9092", data=Path("x.npz"), state_dir=Path({str(tmp_path)!r}),
+               client_id="c", root_cert=None, key=None, insecure=True, budget_epsilon=None, budget_delta=None,
+               dataset=None, port=None, device="cpu")
+print("torch" in sys.modules)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr[-400:]
+    assert out.stdout.strip() == "False"

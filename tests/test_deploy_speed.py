@@ -92,3 +92,10 @@ print("torch" in sys.modules)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr[-400:]
     assert out.stdout.strip() == "False"
+
+
+def test_an_idle_executor_asks_less_often() -> None:
+    from client.deploy import BUSY_POLL, IDLE_AFTER, IDLE_POLL, executor_wait
+
+    assert executor_wait(0.0) == executor_wait(IDLE_AFTER - 0.01) == BUSY_POLL == 0.05
+    assert executor_wait(IDLE_AFTER) == executor_wait(3600) == IDLE_POLL == 0.25

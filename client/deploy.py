@@ -268,29 +268,34 @@ def preflight(settings: ClientSettings) -> str:
 # pull that brings no message and 0.5 s between looks for the ClientApp's reply: up to 3.5 s of latency per
 # message, twice a round. Those are `time.sleep` calls of flwr.supernode.start_client_internal, so that
 # module alone gets a `time` whose sleep is capped (should a later Flower move them, this does nothing rather
-# than fail). The price: an idle SuperNode sends 1/poll small requests a second instead of 1/3. Its waits for
-# a message's objects start at 10 ms instead of 1 s (client/flower_pulls.py). Run with `python -c` so that the
+# than fail). The price: a SuperNode sends 1/poll small requests a second instead of 1/3, each costing the
+# SuperLink too (3.4% of a core per client at 0.2 s), so after IDLE_AFTER s of empty pulls (Flower's 3 s sleep
+# asked for that many times in a row) it pulls every IDLE_POLL s until a message comes. Its waits for a
+# message's objects start at 10 ms instead of 1 s (client/deploy_waits.py). Run with `python -c` so that the
 # SuperNode does not import torch through the client package.
 POLLING_SUPERNODE = """
 import sys, time
 import flwr.supernode.start_client_internal as loop
 from flwr.supernode.cli import flower_supernode
 
+from client.deploy_waits import shorten_object_waits, supernode_wait
+
 cap = float(sys.argv[1])
 
 
 class CappedTime:
+    empty_pulls = 0  # Flower's 3 s sleeps in a row: pulls that brought no message
+
     def __getattr__(self, name):
         return getattr(time, name)
 
-    @staticmethod
-    def sleep(seconds):
-        time.sleep(min(seconds, cap))
+    @classmethod
+    def sleep(cls, seconds):
+        cls.empty_pulls = cls.empty_pulls + 1 if seconds >= 3 else 0
+        time.sleep(supernode_wait(seconds, cap, cls.empty_pulls))
 
 
 loop.time = CappedTime()
-from client.flower_pulls import shorten_object_waits  # no torch: client's __init__ imports lazily
-
 shorten_object_waits()
 sys.argv = ["flower-supernode", *sys.argv[2:]]
 flower_supernode()
@@ -482,18 +487,6 @@ def warm_optimizer() -> None:
     torch.optim.SGD([weight], lr=0.1, momentum=0.9).step()
 
 
-# Between the executor's asks for a task: 50 ms while a run keeps this client busy (a round's next message
-# comes seconds after the last), 0.25 s once nothing came for IDLE_AFTER s. Measured idle, asking every 50 ms
-# cost the executor 3% of a core and its SuperNode 6% (serving the asks): ten clients on one machine burned
-# most of a core just waiting.
-BUSY_POLL, IDLE_POLL, IDLE_AFTER = 0.05, 0.25, 10.0
-
-
-def executor_wait(idle_seconds: float) -> float:
-    """Seconds to wait before asking for a task again, `idle_seconds` after the last task (or start)."""
-    return BUSY_POLL if idle_seconds < IDLE_AFTER else IDLE_POLL
-
-
 def serve_forked_tasks(runtime_api_address: str, warm_dataset: str | None = None) -> None:
     """The fork executor: what flower-superexec does for a SuperNode with `--isolation process`, except that
     each task runs in a child forked from this process, which has imported torch, Flower, Opacus and the
@@ -513,7 +506,7 @@ def serve_forked_tasks(runtime_api_address: str, warm_dataset: str | None = None
 
     import client.app  # noqa: F401  (imported for its side effect: everything a task needs, once)
     import client.dpsgd  # noqa: F401  (Opacus: client.app imports it lazily, at a DP round; every child inherits it)
-    from client.flower_pulls import shorten_object_waits
+    from client.deploy_waits import executor_wait, shorten_object_waits
 
     trusted = TrustedApp.installed()  # hashed once, from the code this process has imported
     shorten_object_waits()  # every forked task inherits it

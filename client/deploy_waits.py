@@ -1,4 +1,7 @@
-"""Short first waits for a message's objects that have not arrived yet, in the SuperNode and its tasks.
+"""How long a deployed client waits, and for what: its SuperNode's pulls, its executor's asks for a task, and
+a message's objects that have not arrived yet. Fast while a run keeps the client busy, slow when idle.
+
+Objects still on their way.
 
 Flower 1.41 (pinned) stores a message that a SuperNode pulls before the message's objects (its arrays and
 configs) have arrived, so the forked task that runs the ClientApp can ask for an object still on its way.
@@ -7,7 +10,11 @@ the object is there milliseconds later: traced per call, about half the tasks of
 sat out a whole second this way (`benchmarks/RESULTS.md`, "Deployment rounds"). The same retries, starting at
 10 ms and capped at 1 s; a pull still gives up only after Flower's PULL_MAX_TIME.
 
-Only Flower's module globals are replaced, so this imports no torch: the SuperNode process calls it too.
+Polls. Flower's SuperNode pulls every 3 s; fedpriv's caps that at `--poll-interval` (0.2 s) and its executor
+asks its SuperNode for a task every 50 ms. Measured idle, at those rates one client cost 9% of a core (and the
+SuperLink 3.4% more): ten clients on one machine burned most of a core waiting. So both slow down once idle.
+
+This module imports no torch (nor anything of fedpriv's): the SuperNode process imports it too.
 """
 
 from __future__ import annotations
@@ -34,3 +41,22 @@ def shorten_object_waits() -> None:
 
     task.pull_and_inflate_object_from_tree = quick_retries(task.pull_and_inflate_object_from_tree)
     node.pull_objects = quick_retries(node.pull_objects)
+
+
+# The executor's asks for a task: 50 ms while a run keeps this client busy (a round's next message comes
+# seconds after the last), 0.25 s once nothing came for IDLE_AFTER s.
+BUSY_POLL, IDLE_POLL, IDLE_AFTER = 0.05, 0.25, 10.0
+# The SuperNode's pulls from the SuperLink once idle (busy: the --poll-interval cap).
+SUPERNODE_IDLE_POLL = 1.0
+
+
+def executor_wait(idle_seconds: float) -> float:
+    """Seconds to wait before asking for a task again, `idle_seconds` after the last task (or start)."""
+    return BUSY_POLL if idle_seconds < IDLE_AFTER else IDLE_POLL
+
+
+def supernode_wait(asked: float, cap: float, empty_pulls: int) -> float:
+    """What the SuperNode sleeps when Flower asks for `asked` s: at most `cap` while busy; after IDLE_AFTER s of
+    empty pulls in a row, at most max(cap, SUPERNODE_IDLE_POLL)."""
+    idle = empty_pulls * cap >= IDLE_AFTER
+    return min(asked, max(cap, SUPERNODE_IDLE_POLL) if idle else cap)

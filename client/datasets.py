@@ -48,6 +48,7 @@ SHAKESPEARE_ALPHABET = (
 OOV_ID = len(SHAKESPEARE_ALPHABET)
 SHAKESPEARE_VOCAB_SIZE = OOV_ID + 1
 SEQ_LEN = 80
+BREAST_CANCER_FEATURES = 30  # sklearn's Wisconsin diagnostic set
 # Windows start every WINDOW_STRIDE characters instead of every character: stride 1 would give ~4.3M
 # windows (2.7 GB as int64), stride 20 keeps ~190k training windows, enough to train a char-LSTM while
 # loading in a few seconds. Neighbouring windows still overlap by 60 characters.
@@ -109,12 +110,34 @@ def load_dataset(name: str, data_dir: str | Path | None = None, max_length: int 
         default = FASHION_MNIST_DIR if name == "fashion-mnist" else VADER_DIR
         # Resolved so that "data", "./data" and Path("data") share one cache entry.
         folder = str(Path(data_dir).expanduser().resolve()) if data_dir else str(default)
-    length = None
-    if name in TEXT_DATASETS:
-        length = VADER_MAX_LENGTH if not max_length else max_length
-        if isinstance(length, bool) or not isinstance(length, int) or length < 3:
-            raise DataError(f"text-max-length {length!r} is not allowed; use an int >= 3 ([CLS], a token, [SEP])")
-    return _load_cached(name, folder, length)
+    return _load_cached(name, folder, _text_length(max_length) if name in TEXT_DATASETS else None)
+
+
+def _text_length(max_length: int | None) -> int:
+    length = VADER_MAX_LENGTH if not max_length else max_length
+    if isinstance(length, bool) or not isinstance(length, int) or length < 3:
+        raise DataError(f"text-max-length {length!r} is not allowed; use an int >= 3 ([CLS], a token, [SEP])")
+    return length
+
+
+def dataset_spec(name: str, max_length: int | None = None) -> TaskSpec:
+    """The task a named dataset poses (input shape, classes, vocabulary), without loading it: what a data
+    owner's own file is checked against. A deployed client then needs neither a public copy of the data nor
+    the memory it takes (Fashion-MNIST: about 220 MB in each client's processes). Equal to
+    `load_dataset(name).spec` (tests/test_datasets.py)."""
+    if name not in DATASETS:
+        raise DataError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}")
+    if name == "digits":
+        return TaskSpec((1, 8, 8), 10)
+    if name == "breast-cancer":
+        return TaskSpec((BREAST_CANCER_FEATURES,), 2)
+    if name == "fashion-mnist":
+        return TaskSpec((1, 28, 28), 10)
+    if name == "shakespeare":
+        return TaskSpec((SEQ_LEN,), SHAKESPEARE_VOCAB_SIZE, vocab_size=SHAKESPEARE_VOCAB_SIZE)
+    from models.minilm import VOCAB_SIZE  # vader-sentiment: MiniLM's WordPiece ids
+
+    return TaskSpec((_text_length(max_length),), 2, vocab_size=VOCAB_SIZE)
 
 
 # Cached per process: a simulated ClientApp is rebuilt for every message, and re-reading Fashion-MNIST

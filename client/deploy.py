@@ -435,7 +435,7 @@ def run_supernode(settings: ClientSettings, echo: bool = True, restart: bool = T
     executor = None
     if settings.executor == "fork":
         cmd = [sys.executable, "-m", "client.deploy", "fork-executor", f"127.0.0.1:{port}"]
-        executor = start_group(cmd + ([settings.dataset] if settings.dataset else []), env,
+        executor = start_group(cmd, env,
                                log=settings.state_dir / EXECUTOR_LOG)
         (settings.state_dir / "executor.pid").write_text(str(executor.pid))
     try:
@@ -487,10 +487,10 @@ def warm_optimizer() -> None:
     torch.optim.SGD([weight], lr=0.1, momentum=0.9).step()
 
 
-def serve_forked_tasks(runtime_api_address: str, warm_dataset: str | None = None) -> None:
+def serve_forked_tasks(runtime_api_address: str) -> None:
     """The fork executor: what flower-superexec does for a SuperNode with `--isolation process`, except that
     each task runs in a child forked from this process, which has imported torch, Flower, Opacus and the
-    ClientApp once (and loaded the dataset, with --dataset), instead of in a fresh interpreter that
+    ClientApp once (and taken one optimizer step), instead of in a fresh interpreter that
     imports them all again for every message.
 
     Built on Flower's own pieces for this (the Runtime API client, AcquireTask, run_clientapp), which are
@@ -511,11 +511,7 @@ def serve_forked_tasks(runtime_api_address: str, warm_dataset: str | None = None
     trusted = TrustedApp.installed()  # hashed once, from the code this process has imported
     shorten_object_waits()  # every forked task inherits it
     warm_optimizer()
-
-    if warm_dataset:
-        from client.datasets import load_dataset
-
-        load_dataset(warm_dataset)  # cached per process: every forked child inherits it
+    # No dataset is loaded here: a deployed client trains on its own file, checked against the task's spec.
     runtime = RuntimeHttpClient.from_server_address(
         server_address=runtime_api_address, insecure=True, root_certificates=None,
         interceptors=[RuntimeVersionHttpInterceptor(component_name="SuperExec")],
@@ -691,7 +687,7 @@ def run_client(args: argparse.Namespace) -> int:
 
 if __name__ == "__main__":
     # Started by `fedpriv client` (the trusted executor), not by hand.
-    if len(sys.argv) in (3, 4) and sys.argv[1] == "fork-executor":
-        serve_forked_tasks(sys.argv[2], sys.argv[3] if len(sys.argv) == 4 else None)
+    if len(sys.argv) == 3 and sys.argv[1] == "fork-executor":
+        serve_forked_tasks(sys.argv[2])
     else:
-        sys.exit("usage: python -m client.deploy fork-executor RUNTIME_API_ADDRESS [DATASET]")
+        sys.exit("usage: python -m client.deploy fork-executor RUNTIME_API_ADDRESS")

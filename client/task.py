@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from client.config import DataConfig
-from client.datasets import DataError, load_dataset
+from client.datasets import DataError, dataset_spec, load_dataset
 from client.localfile import load_local_file
 from client.partitions import holdout_split, partition_indices
 from models import TaskSpec
@@ -58,7 +58,7 @@ def partition_data(cfg: DataConfig, partition_id: int) -> ClientData:
 def file_data(path: str | Path, cfg: DataConfig, client_id: str | None = None) -> ClientData:
     """A data owner's own file, checked against the run's task (shape and label set of cfg.dataset)."""
     x, y = load_local_file(path)
-    spec = load_dataset(cfg.dataset, cfg.data_dir or None, cfg.text_max_length).spec
+    spec = dataset_spec(cfg.dataset, cfg.text_max_length)
     if tuple(x.shape[1:]) != tuple(spec.input_shape):
         raise DataError(f"{path}: examples have shape {tuple(x.shape[1:])}, the run's {cfg.dataset} model needs "
                         f"{tuple(spec.input_shape)}; reshape the file or join a run for this data")

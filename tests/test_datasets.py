@@ -288,3 +288,33 @@ def test_npz_missing_array_length_mismatch_and_missing_file(tmp_path: Path) -> N
         load_local_file(tmp_path / "strings.npz")
     with pytest.raises(DataError, match=r"gone\.npz: no such file"):
         load_local_file(tmp_path / "gone.npz")
+
+
+@pytest.mark.parametrize("name", ["digits", "breast-cancer", "fashion-mnist", "shakespeare"])
+def test_dataset_spec_is_the_loaded_datasets_spec(name: str) -> None:
+    from client.datasets import dataset_spec
+
+    assert dataset_spec(name) == load_dataset(name).spec
+
+
+def test_dataset_spec_of_text_and_of_an_unknown_name() -> None:
+    from client.datasets import dataset_spec
+    from models.minilm import VOCAB_SIZE
+
+    assert dataset_spec("vader-sentiment", 32).input_shape == (32,)
+    assert dataset_spec("vader-sentiment", 32).vocab_size == VOCAB_SIZE
+    with pytest.raises(DataError, match="text-max-length 2 is not allowed"):
+        dataset_spec("vader-sentiment", 2)
+    with pytest.raises(DataError, match="unknown dataset 'cifar'"):
+        dataset_spec("cifar")
+
+
+def test_a_data_owners_file_needs_no_public_copy_of_the_data(tmp_path: Path) -> None:
+    """A deployed client checks its file against the task's spec: no Fashion-MNIST on its machine needed."""
+    from client.config import DataConfig
+    from client.task import file_data
+
+    path = tmp_path / "mine.npz"
+    np.savez(path, x=np.zeros((10, 1, 28, 28), dtype=np.float32), y=np.arange(10))
+    data = file_data(path, DataConfig(dataset="fashion-mnist", data_dir=str(tmp_path / "no-such-folder")))
+    assert data.spec.input_shape == (1, 28, 28) and len(data.y_train) + len(data.y_val) == 10

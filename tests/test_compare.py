@@ -342,7 +342,7 @@ def small_shakespeare(monkeypatch):
     small = dataclasses.replace(full, x_train=full.x_train[::20], y_train=full.y_train[::20],
                                 groups=full.groups[::20], x_test=full.x_test[:100], y_test=full.y_test[:100])
     monkeypatch.setattr(datasets, "_load_cached",
-                        lambda name, folder: small if name == "shakespeare" else real(name, folder))
+                        lambda name, folder, *rest: small if name == "shakespeare" else real(name, folder, *rest))
     task._partitions.cache_clear()  # partitions of the full set must not be reused
     yield small
     task._partitions.cache_clear()

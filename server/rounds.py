@@ -14,7 +14,6 @@ import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any
 
 import numpy as np
@@ -33,21 +32,15 @@ QUERY = "query"
 POLL_SECONDS = 0.2
 
 
-# Flower's HttpGrid also pulls a reply's objects with a first retry after 1 s: a reply listed a moment before
-# its objects reached the SuperLink cost the round a second. Same retries, from 10 ms, capped at 1 s.
-FIRST_OBJECT_WAIT, LONGEST_OBJECT_WAIT = 0.01, 1.0
-
-
 def shorten_reply_object_waits() -> None:
-    """In the ServerApp's process (Flower 1.41, pinned): HttpGrid's object pulls retry after 10 ms, not 1 s.
-    Unbounded tries, so Flower's PULL_MAX_TIME alone decides when a pull gives up, as before."""
+    """In the ServerApp's process (Flower 1.41, pinned): HttpGrid pulls a reply's objects with a first retry
+    after 1 s, and a reply listed a moment before its objects reached the SuperLink cost the round a second.
+    The same short retries as the client's pulls (client/deploy_waits.py)."""
     import flwr.superlink.grid.http_grid as http_grid
 
-    if not getattr(http_grid.pull_objects, "quick_retries", False):
-        quick = partial(http_grid.pull_objects, initial_backoff=FIRST_OBJECT_WAIT, backoff_cap=LONGEST_OBJECT_WAIT,
-                        max_tries_per_object=None)
-        quick.quick_retries = True  # type: ignore[attr-defined]
-        http_grid.pull_objects = quick
+    from client.deploy_waits import quick_retries
+
+    http_grid.pull_objects = quick_retries(http_grid.pull_objects)
 
 
 def exchange(grid: Grid, messages: Iterable[Message], timeout: float | None,

@@ -13,7 +13,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import LocalDpMod
 
-from client.arrays import array_record
+from client.arrays import array_record, pack_arrays, unpack_arrays
 from client.compression import compress_update
 from client.config import DataConfig, TrainConfig
 from client.devices import client_device, to_device
@@ -27,7 +27,18 @@ from models import build_model
 from privacy import Budget, DPConfig, PrivacyLedger, Step, compute_epsilon
 from privacy.canaries import GradientCanaries, gradient_canaries
 
-app = ClientApp()
+
+def packed_transport(msg: Message, context: Context, call_next) -> Message:  # noqa: ANN001 - Flower's ClientAppCallable
+    """Outermost on every message: a deployed server packs each ArrayRecord into one Array (fewer HTTP requests
+    a message, client.arrays); unpacked here before anything reads it, and the reply is packed alike."""
+    packed = unpack_arrays(msg.content)
+    reply = call_next(msg, context)
+    if packed and not reply.has_error():
+        pack_arrays(reply.content)
+    return reply
+
+
+app = ClientApp(mods=[packed_transport])
 
 
 def local_data(context: Context) -> tuple[ClientData, DataConfig]:

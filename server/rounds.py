@@ -21,6 +21,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from client.arrays import pack_arrays, unpack_arrays
 from client.compression import decompress_reply
 from server.checks import update_problem
 
@@ -158,6 +159,59 @@ class SubsetGrid(Grid):
         return self._grid.send_and_receive(messages, timeout=timeout)
 
 
+class PackedGrid(SubsetGrid):
+    """A deployed grid whose messages carry each ArrayRecord as one Array (client.arrays.pack_arrays): a
+    fraction of the HTTP requests per message on every hop. The ClientApp unpacks and packs its reply alike."""
+
+    def __init__(self, grid: Grid) -> None:
+        super().__init__(grid, [])
+
+    def get_node_ids(self) -> list[int]:
+        return list(self._grid.get_node_ids())
+
+    def push_messages(self, messages):  # noqa: ANN001, ANN201
+        messages, memo = list(messages), {}
+        for message in messages:
+            pack_arrays(message.content, memo)
+        return self._grid.push_messages(messages)
+
+    def pull_messages(self, message_ids):  # noqa: ANN001, ANN201
+        replies = list(self._grid.pull_messages(message_ids))
+        for reply in replies:
+            _unpack_reply(reply)
+        return replies
+
+    def send_and_receive(self, messages, *, timeout=None):  # noqa: ANN001, ANN201
+        messages, memo = list(messages), {}
+        for message in messages:
+            pack_arrays(message.content, memo)
+        replies = list(self._grid.send_and_receive(messages, timeout=timeout))
+        for reply in replies:
+            _unpack_reply(reply)
+        return replies
+
+
+def _unpack_reply(reply: Message) -> None:
+    if reply.has_error():
+        return
+    try:
+        unpack_arrays(reply.content)
+    except (ValueError, KeyError, TypeError) as exc:
+        # Its arrays are dropped: the update checks then drop the reply as one without an update.
+        log.warning("node %s sent a packed reply that does not unpack (%s); its update is dropped",
+                    reply.metadata.src_node_id, exc)
+        for name in list(reply.content.array_records):
+            del reply.content[name]
+
+
+def packed_if_deployed(grid: Grid) -> Grid:
+    """The ServerApp's grid: packed when it talks to a SuperLink over HTTP (a deployment); the simulation
+    engines pass messages in memory, where packing would only copy."""
+    from flwr.superlink.grid.http_grid import HttpGrid
+
+    return PackedGrid(grid) if isinstance(grid, HttpGrid) else grid
+
+
 @dataclass
 class LoopSettings:
     num_rounds: int
@@ -184,6 +238,8 @@ class RoundRecord:
     privacy: list[dict[str, Any]] = field(default_factory=list)  # per-client ledger entries sent back with updates
     secagg: dict[str, Any] | None = None  # secure aggregation: stage reached, survivors, who was unmasked
     seconds: float = 0.0
+    # Where the round's time went: the train exchange and aggregation, the evaluate exchange, the server's test.
+    phase_seconds: dict[str, float] = field(default_factory=dict)
     # Bytes of model data the aggregated updates carried (client -> server), and what float weights would cost.
     upload_bytes: int = 0
     dense_bytes: int = 0
@@ -275,6 +331,7 @@ def run_rounds(
             else:
                 log.warning("round %d: %d usable updates, fewer than min-clients %d; the model is unchanged",
                             server_round, len(good), settings.min_clients)
+        train_done = time.perf_counter()
         evaluators = sample_clients(clients, settings.fraction_evaluate, settings.seed, server_round, "evaluate",
                                     cap=settings.max_evaluate_clients)
         if evaluators:
@@ -283,7 +340,11 @@ def run_rounds(
             replies = _split_replies(exchange(grid, messages, settings.round_timeout), directory,
                                      arrays, record, check_arrays=False)
             record.evaluate = [{"client_id": client_id_of(r) or "?", "metrics": _metrics_of(r)} for r in replies]
+        evaluate_done = time.perf_counter()
         record.server = evaluate_fn(server_round, arrays)
         record.seconds = time.perf_counter() - started
+        record.phase_seconds = {"train": round(train_done - started, 4),
+                                "evaluate": round(evaluate_done - train_done, 4),
+                                "server": round(started + record.seconds - evaluate_done, 4)}
         on_round(record, arrays)
     return arrays

@@ -8,7 +8,8 @@ configs) have arrived, so the forked task that runs the ClientApp can ask for an
 Flower's pull then waits PULL_INITIAL_BACKOFF = 1 s before it asks again (doubling up to 10 s). On loopback
 the object is there milliseconds later: traced per call, about half the tasks of a deployed digits round
 sat out a whole second this way (`benchmarks/RESULTS.md`, "Deployment rounds"). The same retries, starting at
-10 ms and capped at 1 s; a pull still gives up only after Flower's PULL_MAX_TIME.
+10 ms and capped at 1 s (30 ms for a task's pulls from its own SuperNode, which answers on loopback at once);
+a pull still gives up only after Flower's PULL_MAX_TIME.
 
 Polls. Flower's SuperNode pulls every 3 s; fedpriv's caps that at `--poll-interval` (0.2 s) and its executor
 asks its SuperNode for a task every 50 ms. Measured idle, at those rates one client cost 9% of a core (and the
@@ -23,13 +24,14 @@ from functools import partial
 
 FIRST_WAIT = 0.01  # seconds before the first retry (Flower: 1 s)
 LONGEST_WAIT = 1.0  # cap of the doubling waits (Flower: 10 s)
+LOCAL_WAIT = 0.03  # the same cap for a task's pulls from its own SuperNode on loopback
 
 
-def quick_retries(pull):  # noqa: ANN001, ANN201 - Flower's pull_objects or pull_and_inflate_object_from_tree
+def quick_retries(pull, cap: float = LONGEST_WAIT):  # noqa: ANN001, ANN201 - Flower's pull_objects or pull_and_inflate_object_from_tree
     """`pull` with short waits; unbounded tries, so PULL_MAX_TIME alone decides when it gives up, as before."""
     if getattr(pull, "quick_retries", False):
         return pull
-    quick = partial(pull, initial_backoff=FIRST_WAIT, backoff_cap=LONGEST_WAIT, max_tries_per_object=None)
+    quick = partial(pull, initial_backoff=FIRST_WAIT, backoff_cap=cap, max_tries_per_object=None)
     quick.quick_retries = True  # type: ignore[attr-defined]
     return quick
 
@@ -39,7 +41,7 @@ def shorten_object_waits() -> None:
     import flwr.supernode.runtime.run_clientapp as task
     import flwr.supernode.start_client_internal as node
 
-    task.pull_and_inflate_object_from_tree = quick_retries(task.pull_and_inflate_object_from_tree)
+    task.pull_and_inflate_object_from_tree = quick_retries(task.pull_and_inflate_object_from_tree, LOCAL_WAIT)
     node.pull_objects = quick_retries(node.pull_objects)
 
 

@@ -142,10 +142,13 @@ def measure(variant: str, files: list[Path], certs: Path, rounds: int, work: Pat
     records = json.loads((out_dir / "metrics.json").read_text())["rounds"]
     tasks = task_times(work, variant)
     seconds = [r["seconds"] for r in records if r["round"] >= 1]
+    steady = [r.get("phase_seconds", {}) for r in records if r["round"] >= 2]
+    phases = {k: round(statistics.median(p[k] for p in steady), 3) for k in (steady[0] if steady else {})}
     return {"clients": len(files), "variant": variant, "round_seconds": [round(s, 2) for s in seconds],
             "round1_seconds": round(seconds[0], 2),
             "steady_round_seconds": round(statistics.median(seconds[1:]), 2) if len(seconds) > 1 else None,
             "wall_seconds": round(wall, 1), "accuracy": round(records[-1]["server"]["accuracy"], 4),
+            "steady_phase_seconds": phases,
             "trained": [len(r["train"]) for r in records if r["round"] >= 1], **tasks}
 
 
@@ -179,6 +182,7 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/deploy_rounds.json")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a run-config key for every variant, e.g. secagg=true")
+    parser.add_argument("--keep", help="keep the work folder (logs, records) here instead of a temporary one")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--files", nargs="*", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -197,7 +201,8 @@ def main() -> None:
     from server.certs import create_certs
 
     rows = []
-    with tempfile.TemporaryDirectory(prefix="fedpriv-deploy-bench-") as tmp:
+    with (contextlib.nullcontext(args.keep) if args.keep
+          else tempfile.TemporaryDirectory(prefix="fedpriv-deploy-bench-")) as tmp:
         work = Path(tmp)
         for n in args.clients:
             data = split_dataset(args.dataset, n, "iid", work / f"data-{n}", seed=42,

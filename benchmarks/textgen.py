@@ -1,8 +1,11 @@
 """A federated character language model that writes: Shakespeare, natural clients (the largest roles),
 without DP and with sample-level DP; held-out-role perplexity and a sample of each, side by side.
 
-    python -m benchmarks.textgen --model transformer --clients 4 --rounds 2 --epsilon 8 \
-        --out benchmarks/results/textgen.json
+    python -m benchmarks.textgen --model ngram --clients 100 --rounds 12 --epsilon 8 \
+        --out benchmarks/results/textgen_ngram.json
+
+DP runs may take their own batch size and learning rate (--dp-batch-size, --dp-lr): larger Poisson batches
+cut the noise per example that DP-SGD adds, so the best private setting differs from the non-private one.
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ import json
 import os
 import time
 from pathlib import Path
+
+import torch
 
 from client.textgen import DEFAULT_PROMPT, generate, held_out_windows, load_run_model, perplexity
 from simulations.runconfig import resolve
@@ -29,19 +34,31 @@ def main() -> None:
     parser.add_argument("--held-out", type=int, default=3000, help="held-out windows for perplexity")
     parser.add_argument("--variants", default="none,sample")
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--dp-batch-size", type=int, default=None, help="DP runs' batch size (default --batch-size)")
+    parser.add_argument("--dp-lr", type=float, default=None, help="DP runs' learning rate (default --lr)")
+    parser.add_argument("--max-grad-norm", type=float, default=1.0)
+    parser.add_argument("--strategy", default="fedavg", help="e.g. fedavgm: server momentum speeds up many clients")
+    parser.add_argument("--server-lr", type=float, default=1.0, help="server learning rate (fedavgm, fedadam...)")
+    parser.add_argument("--server-momentum", type=float, default=0.9)
+    parser.add_argument("--temperatures", default="0.8,0.5", help="a 300-character sample at each")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (the machine is shared)")
     parser.add_argument("--device", default="cpu", help="where clients and the server train and evaluate")
     parser.add_argument("--work", default="/tmp/fedpriv-textgen")
     parser.add_argument("--out", default="benchmarks/results/textgen.json")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     results = []
     for dp in args.variants.split(","):
         keys = {"dataset": "shakespeare", "model": args.model, "partition": "natural", "num-clients": args.clients,
                 "num-rounds": args.rounds, "local-epochs": args.local_epochs, "optimizer": "adam",
                 "learning-rate": args.lr, "batch-size": args.batch_size, "fraction-evaluate": 0.25,
-                "device": args.device,
+                "device": args.device, "strategy": args.strategy, "server-learning-rate": args.server_lr,
+                "server-momentum": args.server_momentum,
                 "out-dir": str(Path(args.work) / f"{args.model}-{dp}")}
         if dp == "sample":
-            keys.update({"dp": "sample", "target-epsilon": args.epsilon, "delta": 1e-5, "max-grad-norm": 1.0})
+            keys.update({"dp": "sample", "target-epsilon": args.epsilon, "delta": 1e-5,
+                         "max-grad-norm": args.max_grad_norm, "batch-size": args.dp_batch_size or args.batch_size,
+                         "learning-rate": args.dp_lr or args.lr})
         started = time.perf_counter()
         out = simulate(resolve(None, keys))
         seconds = time.perf_counter() - started
@@ -53,16 +70,24 @@ def main() -> None:
         if privacy.exists():
             epsilon = max(c["epsilon"] for c in json.loads(privacy.read_text())["sample_level"]["clients"])
         results.append({
-            "dp": dp, "epsilon": epsilon, "model": args.model,
+            "dp": dp, "epsilon": epsilon, "model": args.model, "batch_size": keys["batch-size"],
+            "learning_rate": keys["learning-rate"],
             "held_out_perplexity": perplexity(run.model, x, y), "held_out": f"{len(y)} windows of {what}",
             "server_test_accuracy": rounds[-1]["server"]["accuracy"],
             "server_test_perplexity": float(2.718281828459045 ** rounds[-1]["server"]["loss"]),
-            "sample": DEFAULT_PROMPT + generate(run.model, DEFAULT_PROMPT, 300, 0.8, 0),
+            "samples": {t: DEFAULT_PROMPT + generate(run.model, DEFAULT_PROMPT, 300, float(t), 0)
+                        for t in args.temperatures.split(",")},
+            "server_test_accuracy_by_round": [r["server"]["accuracy"] for r in rounds],
             "seconds": round(seconds, 1),
         })
         print(json.dumps(results[-1]), flush=True)
+        _write(args, results)  # after each variant: a long DP run that is stopped keeps the finished one
+
+
+def _write(args: argparse.Namespace, results: list[dict]) -> None:
     meta = {k: getattr(args, k) for k in ("model", "clients", "rounds", "local_epochs", "lr", "epsilon",
-                                          "batch_size", "device")}
+                                          "batch_size", "dp_batch_size", "dp_lr", "max_grad_norm", "strategy",
+                                          "server_lr", "server_momentum", "held_out", "threads", "device")}
     meta["load_average"] = os.getloadavg()
     Path(args.out).write_text(json.dumps({"setup": meta, "results": results}, indent=1))
 

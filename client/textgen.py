@@ -55,7 +55,7 @@ def text_model(run_config: dict[str, Any], state: dict[str, torch.Tensor] | None
     data = DataConfig.from_run_config(run_config)
     if data.dataset not in TEXT_DATASETS:
         raise DataError(f"this run trained on {data.dataset!r}, not on text; generate needs a character language "
-                        f"model trained on {', '.join(TEXT_DATASETS)} (e.g. --dataset shakespeare --model lstm)")
+                        f"model trained on {', '.join(TEXT_DATASETS)} (e.g. --dataset shakespeare --model ngram)")
     # The same TaskSpec the shakespeare loader gives, without parsing 38 plays to get it.
     spec = TaskSpec((SEQ_LEN,), SHAKESPEARE_VOCAB_SIZE, vocab_size=SHAKESPEARE_VOCAB_SIZE)
     model = build_model(TrainConfig.from_run_config(run_config).model, spec)

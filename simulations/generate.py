@@ -8,7 +8,7 @@ import argparse
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("generate", help="write text with a run's character language model",
                               description="Sample characters from the model a shakespeare run trained "
-                                          "(lstm or transformer). Generated text is post-processing of the "
+                                          "(ngram, lstm or transformer). Generated text is post-processing of the "
                                           "trained model: it costs no privacy beyond what the run spent.")
     p.add_argument("run_dir", metavar="RUN_DIR", help="folder of a finished run (config.toml, model.pt)")
     p.add_argument("--prompt", default=None,

@@ -26,6 +26,8 @@ IMAGE28 = TaskSpec(input_shape=(1, 28, 28), num_classes=10)
 IMAGE8 = TaskSpec(input_shape=(1, 8, 8), num_classes=10)
 TABULAR = TaskSpec(input_shape=(30,), num_classes=3)
 SEQUENCE = TaskSpec(input_shape=(20,), num_classes=40, vocab_size=40)
+# Long enough for the n-gram model's 32-character context
+CHARS = TaskSpec(input_shape=(40,), num_classes=40, vocab_size=40)
 # MiniLM's WordPiece vocabulary (the vader-sentiment task, at a short length)
 TEXT = TaskSpec(input_shape=(12,), num_classes=2, vocab_size=30522)
 
@@ -46,6 +48,7 @@ CASES = [
     ("scatter-cnn", IMAGE28),
     ("scatter-cnn", IMAGE8),
     ("lstm", SEQUENCE),
+    ("ngram", CHARS),
     ("transformer", SEQUENCE),
     ("transformer", TEXT),
     ("minilm", TEXT),
@@ -76,8 +79,8 @@ def _batch(spec: TaskSpec, n: int, seed: int = 0) -> tuple[torch.Tensor, torch.T
 
 def test_every_registered_model_is_covered():
     assert sorted({name for name, _ in CASES}) == model_names()
-    assert model_names() == ["cnn", "logreg", "lstm", "minilm", "minilm-head", "mlp", "resnet", "scatter-cnn",
-                             "scatter-linear", "transformer"]
+    assert model_names() == ["cnn", "logreg", "lstm", "minilm", "minilm-head", "mlp", "ngram", "resnet",
+                             "scatter-cnn", "scatter-linear", "transformer"]
 
 
 @pytest.mark.parametrize(("name", "spec"), CASES, ids=CASE_IDS)
@@ -183,8 +186,8 @@ def test_unknown_model_names_the_choices():
     with pytest.raises(ModelError) as err:
         build_model("foo", IMAGE28)
     assert str(err.value) == (
-        "unknown model 'foo'; choose one of: cnn, logreg, lstm, minilm, minilm-head, mlp, resnet, scatter-cnn, "
-        "scatter-linear, transformer"
+        "unknown model 'foo'; choose one of: cnn, logreg, lstm, minilm, minilm-head, mlp, ngram, resnet, "
+        "scatter-cnn, scatter-linear, transformer"
     )
 
 
@@ -208,6 +211,12 @@ def test_unknown_model_names_the_choices():
             SEQUENCE,
             "model 'mlp' needs tabular rows or images, but the dataset gives token sequences of length 20 "
             "(vocab 40); models that fit: lstm, transformer",
+        ),
+        (
+            "ngram",
+            SEQUENCE,
+            "model 'ngram' needs token sequences of length 32 or more, but the dataset gives token sequences of "
+            "length 20 (vocab 40); models that fit: lstm, transformer",
         ),
         (
             "resnet",

@@ -12,8 +12,13 @@ import tomli_w
 import torch
 from torch import nn
 
-from client.datasets import OOV_ID, SHAKESPEARE_ALPHABET, SHAKESPEARE_VOCAB_SIZE, encode_text
+from client.bookkeeping import BK_MODE, BookKeeper
+from client.config import TrainConfig
+from client.datasets import OOV_ID, SEQ_LEN, SHAKESPEARE_ALPHABET, SHAKESPEARE_VOCAB_SIZE, encode_text
+from client.dpsgd import train_private
 from client.textgen import SAMPLE_FILE, generate, perplexity, text_model, write_run_sample
+from models.sequence import NGRAM_CONTEXT, CharNgram
+from models.task import ModelError
 from simulations.cli import main
 from simulations.runconfig import resolve
 
@@ -60,7 +65,7 @@ def test_a_broken_sampler_would_be_caught_by_perplexity():
     assert perplexity(NextLetter(unk_bias=False), x, y + 1) > 1e10  # sure of the wrong character
 
 
-@pytest.mark.parametrize(("model", "length"), [("lstm", 12), ("transformer", 40)])
+@pytest.mark.parametrize(("model", "length"), [("lstm", 12), ("transformer", 40), ("ngram", 40)])
 def test_generate_command_is_seeded_and_uses_the_vocabulary(tmp_path, capsys, model, length):
     run = fake_run(tmp_path, model)
     outputs = []
@@ -72,6 +77,60 @@ def test_generate_command_is_seeded_and_uses_the_vocabulary(tmp_path, capsys, mo
     written = outputs[0][len("To be, or not"):]
     assert outputs[0].startswith("To be, or not") and len(written) == length
     assert set(written) <= set(SHAKESPEARE_ALPHABET)
+
+
+def test_ngram_writes_from_its_last_characters_and_pads_short_prompts(tmp_path):
+    """The n-gram model reads the last NGRAM_CONTEXT characters of the 80-character window: what comes before
+    cannot change its writing, and a short prompt is the same as one left-padded with spaces."""
+    model = text_model(resolve(None, {"dataset": "shakespeare", "model": "ngram"}))
+    tail = "And thus I clothe my naked villainy"[-NGRAM_CONTEXT:]
+    one, other = generate(model, "x" * 60 + tail, 30, 0.0), generate(model, "QUEEN:\n" + tail, 30, 0.0)
+    assert one == other
+    assert generate(model, "Thus", 30, 0.8, seed=5) == generate(model, " " * (SEQ_LEN - 4) + "Thus", 30, 0.8, seed=5)
+    with pytest.raises(ModelError, match="shorter than the model's context 32"):
+        model(torch.zeros((1, NGRAM_CONTEXT - 1), dtype=torch.long))
+
+
+def _cycled_windows(text: str, count: int) -> tuple[np.ndarray, np.ndarray]:
+    ids = encode_text(text * (1 + (count + SEQ_LEN) // len(text)))
+    x = np.lib.stride_tricks.sliding_window_view(ids, SEQ_LEN)[:count].copy()
+    return x, ids[SEQ_LEN:SEQ_LEN + count].copy()
+
+
+def test_ngram_learns_a_line_under_dp_sgd_and_writes_it():
+    """DP-SGD (book-keeping, every layer covered) on a repeated line, then generation: a model whose private
+    training or whose sampling were broken would not write the line back."""
+    line = "Now is the winter of our discontent\n"
+    x, y = _cycled_windows(line, 400)
+    torch.manual_seed(0)
+    model = text_model(resolve(None, {"dataset": "shakespeare", "model": "ngram"})).train()
+    cfg = TrainConfig(model="ngram", optimizer="adam", learning_rate=0.01, batch_size=50, local_epochs=4)
+    result = train_private(model, x, y, cfg, noise_multiplier=0.5, max_grad_norm=1.0, seed=0)
+    assert result["grad-sample-mode"] == BK_MODE
+    assert perplexity(model, x[:100], y[:100]) < 1.5
+    assert generate(model, line * 3, len(line), 0.0) == line
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing:UserWarning")  # data needs no gradient
+def test_ngram_book_keeping_clips_like_opacus():
+    """Book-keeping's per-example gradient norms on the n-gram model (the embedding of a sliced window
+    included) are those Opacus' hooks compute from materialised per-example gradients."""
+    from opacus import GradSampleModule
+
+    torch.manual_seed(1)
+    model = CharNgram(SHAKESPEARE_VOCAB_SIZE, SHAKESPEARE_VOCAB_SIZE, hidden=32)
+    x, y = _cycled_windows("To be, or not to be: that is the question:\n", 6)
+    gsm = GradSampleModule(CharNgram(SHAKESPEARE_VOCAB_SIZE, SHAKESPEARE_VOCAB_SIZE, hidden=32), loss_reduction="sum")
+    gsm._module.load_state_dict(model.state_dict())
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    nn.functional.cross_entropy(gsm(xt), yt, reduction="sum").backward()
+    want = torch.cat([p.grad_sample.reshape(len(y), -1) for p in gsm.parameters()], 1).norm(dim=1)
+    keeper = BookKeeper(model)
+    try:
+        _, _, got = keeper.clipped_sum(xt, yt, 1.0)
+    finally:
+        keeper.close()
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize(("flags", "fragment"), [

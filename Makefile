@@ -6,7 +6,7 @@ STAMP := $(VENV)/.fedpriv-installed
 # torch first and pinned: anything that resolves torch on its own pulls several GB of CUDA wheels.
 TORCH := torch==2.13.0
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
-# The VADER sentiment corpus ships inside this sdist (client/vader.py reads it from there, git-ignored).
+# The VADER sentiment corpus ships inside this sdist (common/vader.py reads it from there, git-ignored).
 VADER := data/vader/vaderSentiment-3.3.2.tar.gz
 
 export FLWR_TELEMETRY_ENABLED=0

@@ -27,12 +27,12 @@ from opacus import PrivacyEngine
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from client import load_dataset
-from client.allocator import keep_freed_memory
 from client.bookkeeping import BookKeeper, NoisyStep
-from client.config import TrainConfig
 from client.dpsgd import train_private
-from client.training import train
+from common import load_dataset
+from common.allocator import keep_freed_memory
+from common.config import TrainConfig
+from common.training import train
 from models import build_model
 
 OPACUS_MODES = ("hooks", "ghost", "functorch", "ew")
@@ -146,7 +146,7 @@ def measure(name: str, batch: int, modes: list[str], steps: int, repeats: int) -
 
 def measure_epoch(examples: int, batch: int, repeats: int, modes: list[str]) -> list[dict]:
     """A whole local epoch of the cnn on `examples` Fashion-MNIST images: plain SGD against DP-SGD (noise 1.0,
-    C 1.0, Poisson sampling), interleaved, as a client runs them (client.training.train, client.dpsgd)."""
+    C 1.0, Poisson sampling), interleaved, as a client runs them (common.training.train, client.dpsgd)."""
     ds = load_dataset("fashion-mnist")
     x, y = ds.x_train[:examples], ds.y_train[:examples]
     cfg = TrainConfig(model="cnn", batch_size=batch, learning_rate=0.5, momentum=0.5)
@@ -188,7 +188,7 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/dp_modes_bk.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    keep_freed_memory()  # as client training does (client/allocator.py): plain and DP steps alike
+    keep_freed_memory()  # as client training does (common/allocator.py): plain and DP steps alike
     load = os.getloadavg()
     rows = [row for m in args.models for b in args.batch_sizes for row in measure(m, b, args.modes, args.steps,
                                                                                    args.repeats)]

@@ -33,8 +33,8 @@ def plain_loop(rc: dict) -> float:
     import numpy as np
     import torch
 
-    from client import evaluate, load_dataset, partition_data, train
-    from client.task import client_seed
+    from common import evaluate, load_dataset, partition_data, train
+    from common.task import client_seed
     from models import build_model
     from server.rounds import sample_clients
     from simulations.runconfig import validate
@@ -74,7 +74,7 @@ def run_one(variant: str, num_clients: int, rounds: int, result_file: str) -> No
 
         if variant == "plain":
             Path(tmp).mkdir(exist_ok=True)
-            import client  # noqa: F401  imports before the clock starts, as for the engines
+            import common  # noqa: F401  imports before the clock starts, as for the engines
             started = time.perf_counter()
             accuracy = plain_loop(rc)
         else:

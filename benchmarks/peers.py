@@ -49,7 +49,7 @@ WORKLOADS: dict[str, dict] = {
           "num-rounds": 20},
 }
 ENGINES = ("pfl", "inprocess", "ray")
-# fedpriv's training sets these malloc thresholds itself (client/allocator.py: without them glibc hands freed
+# fedpriv's training sets these malloc thresholds itself (common/allocator.py: without them glibc hands freed
 # memory back after every step and the next step page-faults it in again); every engine gets them here, so
 # pfl and Ray run under the same allocator as fedpriv's in-process engine.
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
@@ -204,9 +204,9 @@ def write_split(workload: str, folder: Path) -> dict[str, str]:
     """fedpriv's own split of the workload, as flat index arrays pfl's per-user datasets read from."""
     import numpy as np
 
-    from client import load_dataset
-    from client.partitions import holdout_split
-    from client.task import _partitions
+    from common import load_dataset
+    from common.partitions import holdout_split
+    from common.task import _partitions
     from simulations.runconfig import validate
 
     rc = fedpriv_config(workload, str(folder / "unused"))

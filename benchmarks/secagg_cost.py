@@ -58,7 +58,7 @@ def protocol_only(clients: int, shares: int, dim: int, bits: int = 32) -> dict:
     import numpy as np
 
     from client.secagg import respond
-    from client.secagg_crypto import to_ring
+    from common.secagg_crypto import to_ring
     from server.secagg_protocol import ProtocolSettings, run_protocol
 
     nodes = list(range(2, clients + 2))

@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="benchmarks/results/secagg_ddp_accuracy.json")
     args = p.parse_args(argv)
 
-    from client import load_dataset
+    from common import load_dataset
     from models import build_model
 
     dim = sum(int(v.numel()) for v in build_model(args.model, load_dataset("fashion-mnist").spec)

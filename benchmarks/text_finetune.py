@@ -37,7 +37,7 @@ SUBSET_SEED = 0
 def subset_corpus(source: Path, per_client: int, root: Path) -> Path:
     """A folder with the four gold-standard files, each a seeded sample of ceil(per_client / 0.8) scored texts
     (score 0 is left out here, as the loader would): the loader's 80/20 split leaves about per_client to train."""
-    from client import vader
+    from common import vader
 
     folder = root / f"vader-{per_client}-per-domain-seed{SUBSET_SEED}"
     if all((folder / name).is_file() for name in vader.DOMAINS.values()):
@@ -100,10 +100,10 @@ def score(name: str, run_dir: Path, device: str) -> dict[str, Any]:
     """Accuracy and macro F1 of the run's final model on the server's test set, overall and per domain."""
     import torch
 
-    from client import load_dataset
-    from client.config import DataConfig, TrainConfig
-    from client.devices import resolve_device
-    from client.training import classification_metrics, predict
+    from common import load_dataset
+    from common.config import DataConfig, TrainConfig
+    from common.devices import resolve_device
+    from common.training import classification_metrics, predict
     from models import build_model
 
     run_config = tomllib.loads((run_dir / "config.toml").read_text())
@@ -169,8 +169,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    from client import vader
-    from client.datasets import load_dataset
+    from common import vader
+    from common.datasets import load_dataset
 
     config = tomllib.loads(args.config.read_text())
     names = [n for n in args.cells.split(",") if n] or list(config["cells"])

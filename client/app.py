@@ -11,18 +11,18 @@ from dataclasses import replace
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
-from flwr.clientapp.mod import LocalDpMod
 
-from client.arrays import array_record, pack_arrays, unpack_arrays
-from client.compression import compress_update
-from client.config import DataConfig, TrainConfig
-from client.devices import client_device, to_device
-from client.features import resolve_cache_dir, staged
 from client.guard import load_ledger, owner_budget, plan_round, save_ledger
 from client.reuse import load_global, reusable_model, reusable_optimizer
 from client.secagg import register as register_secagg
-from client.task import ClientData, client_seed, file_data, partition_data
-from client.training import evaluate, train
+from common.arrays import array_record, pack_arrays, unpack_arrays
+from common.compression import compress_update
+from common.config import DataConfig, TrainConfig
+from common.devices import client_device, to_device
+from common.features import resolve_cache_dir, staged
+from common.local_dp import local_dp
+from common.task import ClientData, client_seed, file_data, partition_data
+from common.training import evaluate, train
 from models import build_model
 from privacy import Budget, DPConfig, PrivacyLedger, Step, compute_epsilon
 from privacy.canaries import GradientCanaries, gradient_canaries
@@ -30,7 +30,7 @@ from privacy.canaries import GradientCanaries, gradient_canaries
 
 def packed_transport(msg: Message, context: Context, call_next) -> Message:  # noqa: ANN001 - Flower's ClientAppCallable
     """Outermost on every message: a deployed server packs each ArrayRecord into one Array (fewer HTTP requests
-    a message, client.arrays); unpacked here before anything reads it, and the reply is packed alike."""
+    a message, common.arrays); unpacked here before anything reads it, and the reply is packed alike."""
     packed = unpack_arrays(msg.content)
     reply = call_next(msg, context)
     if packed and not reply.has_error():
@@ -58,17 +58,6 @@ def hello(msg: Message, context: Context) -> Message:
     """Tells the server who this node is, so it can sample and record by client id."""
     data, _ = local_data(context)
     return Message(RecordDict({"meta": _meta(data)}), reply_to=msg)
-
-
-def local_dp(msg: Message, context: Context, call_next) -> Message:  # noqa: ANN001 - Flower's ClientAppCallable
-    """`dp=local`: Flower's LocalDpMod clips this client's update and adds Gaussian noise before it leaves.
-    Its (epsilon, delta) holds per round; the server's privacy record composes it over the rounds."""
-    dp = DPConfig.from_run_config(context.run_config)
-    if "local" not in dp.modes:
-        return call_next(msg, context)
-    mod = LocalDpMod(clipping_norm=dp.max_grad_norm, sensitivity=dp.local_sensitivity, epsilon=dp.local_epsilon,
-                     delta=dp.delta)
-    return mod(msg, context, call_next)
 
 
 # compress_update is outermost: it encodes the update after any DP noise (post-processing, no privacy cost).

@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from client.bk_rules import RULES, Saved, forward_stats, unsupported_reason
-from client.config import TrainConfig
-from client.training import as_tensor, make_optimizer
+from common.config import TrainConfig
+from common.training import as_tensor, make_optimizer
 from models.task import ModelError
 from privacy.accounting import PrivacyError
 

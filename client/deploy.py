@@ -31,14 +31,14 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key
 
-from client.config import ConfigError, DataConfig
-from client.datasets import DATASETS
-from client.devices import check_device_name, resolve_device
-from client.localfile import load_local_file
-from client.paths import input_file, output_dir
-from client.processes import die_with_parent, flower_bin, flower_env, start_group, stop_group
-from client.task import file_data
 from client.trust import TrustedApp, check_bundle, refusal_line
+from common.config import ConfigError, DataConfig
+from common.datasets import DATASETS
+from common.devices import check_device_name, resolve_device
+from common.localfile import load_local_file
+from common.paths import input_file, output_dir
+from common.processes import die_with_parent, flower_bin, flower_env, start_group, stop_group
+from common.task import file_data
 
 # fork: fedpriv's trusted executor (this machine's ClientApp, forked per message; the default);
 # flower: Flower's own (a fresh process per message running the ClientApp the server's bundle ships).
@@ -57,7 +57,7 @@ DEFAULT_POLL = 0.2
 RECONNECT_WAIT = 10.0
 LOST_SUPERLINK = "Giving up reconnection"  # what a SuperNode logs when RECONNECT_WAIT has passed
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
-# The last line of a traceback: the exception a ClientApp raised, e.g. "client.datasets.DataError: ...".
+# The last line of a traceback: the exception a ClientApp raised, e.g. "common.datasets.DataError: ...".
 EXCEPTION_LINE = re.compile(r"^[\w.]*(Error|Exception): ")
 
 
@@ -271,14 +271,14 @@ def preflight(settings: ClientSettings) -> str:
 # than fail). The price: a SuperNode sends 1/poll small requests a second instead of 1/3, each costing the
 # SuperLink too (3.4% of a core per client at 0.2 s), so after IDLE_AFTER s of empty pulls (Flower's 3 s sleep
 # asked for that many times in a row) it pulls every IDLE_POLL s until a message comes. Its waits for a
-# message's objects start at 10 ms instead of 1 s (client/deploy_waits.py). Run with `python -c` so that the
+# message's objects start at 10 ms instead of 1 s (common/deploy_waits.py). Run with `python -c` so that the
 # SuperNode does not import torch through the client package.
 POLLING_SUPERNODE = """
 import sys, time
 import flwr.supernode.start_client_internal as loop
 from flwr.supernode.cli import flower_supernode
 
-from client.deploy_waits import shorten_object_waits, supernode_wait
+from common.deploy_waits import shorten_object_waits, supernode_wait
 
 cap = float(sys.argv[1])
 
@@ -506,7 +506,7 @@ def serve_forked_tasks(runtime_api_address: str) -> None:
 
     import client.app  # noqa: F401  (imported for its side effect: everything a task needs, once)
     import client.dpsgd  # noqa: F401  (Opacus: client.app imports it lazily, at a DP round; every child inherits it)
-    from client.deploy_waits import executor_wait, shorten_object_waits
+    from common.deploy_waits import executor_wait, shorten_object_waits
 
     trusted = TrustedApp.installed()  # hashed once, from the code this process has imported
     shorten_object_waits()  # every forked task inherits it

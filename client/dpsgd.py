@@ -18,10 +18,10 @@ from opacus.optimizers import DPOptimizerFastGradientClipping
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from client.allocator import keep_freed_memory
 from client.bookkeeping import BK_MODE, Canaries, bk_unsupported, train_bookkeeping
-from client.config import TrainConfig
-from client.training import as_tensor, make_optimizer
+from common.allocator import keep_freed_memory
+from common.config import TrainConfig
+from common.training import as_tensor, make_optimizer
 
 # Ghost clipping computes per-example gradient norms without materialising per-example gradients: exact
 # (the same clipped gradient as "hooks") and the fastest mode on the CNN here (benchmarks/dp_modes.py).

@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from client.config import TrainConfig
-from client.training import make_optimizer
+from common.config import TrainConfig
+from common.training import make_optimizer
 from models import TaskSpec, build_model
 
 _MODELS: dict[tuple[str, TaskSpec], nn.Module] = {}

@@ -24,7 +24,7 @@ import numpy as np
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.secagg_crypto import (
+from common.secagg_crypto import (
     MAX_BITS,
     MIN_BITS,
     SecAggError,
@@ -190,7 +190,7 @@ def _handler(stage: str) -> Callable[[Message, Context], Message]:
 def register(app: ClientApp, train_fn: Callable[[Message, Context], Message]) -> None:
     """Adds the four SecAgg actions to fedpriv's ClientApp. `train_fn` is the plain train handler: collect
     runs it (DP-SGD, ledger and guard included), then sends the encoded, masked update instead of weights."""
-    from client.secagg_codec import encode_update
+    from common.secagg_codec import encode_update
 
     app.query("secagg_setup")(_handler("setup"))
     app.query("secagg_share")(_handler("share"))

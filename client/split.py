@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from client.datasets import DataError, load_dataset
-from client.partitions import parse_partition, partition_indices
+from common.datasets import DataError, load_dataset
+from common.partitions import parse_partition, partition_indices
 
 
 @dataclass(frozen=True)
@@ -88,7 +88,7 @@ def describe(files: Sequence[SplitFile]) -> list[str]:
 
 
 def run_split(args: argparse.Namespace) -> int:
-    from client.paths import output_dir
+    from common.paths import output_dir
 
     output_dir(args.out, "--out")
     files = split_dataset(args.dataset, args.num_clients, args.partition, args.out, args.seed, args.data_dir,

@@ -1,6 +1,6 @@
 """Writing with a run's character language model (Shakespeare): sampling and held-out perplexity.
 
-The models predict the character after an 80-character window (client.datasets.SEQ_LEN), so writing is a
+The models predict the character after an 80-character window (common.datasets.SEQ_LEN), so writing is a
 loop: predict, sample one character, slide the window. A prompt shorter than the window is left-padded
 with spaces (training windows often start mid-line, so a run of spaces is ordinary context); the `<unk>`
 id is never sampled. Characters outside the alphabet are refused, naming them, rather than silently mapped.
@@ -23,8 +23,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from client.config import DataConfig, TrainConfig
-from client.datasets import OOV_ID, SEQ_LEN, SHAKESPEARE_ALPHABET, SHAKESPEARE_VOCAB_SIZE, DataError, encode_text
+from common.config import DataConfig, TrainConfig
+from common.datasets import OOV_ID, SEQ_LEN, SHAKESPEARE_ALPHABET, SHAKESPEARE_VOCAB_SIZE, DataError, encode_text
 from models import TaskSpec, build_model
 from models.sequence import CharLSTM
 from privacy.files import write_atomic
@@ -135,8 +135,8 @@ def held_out_windows(run_config: dict[str, Any], limit: int = 5000, seed: int = 
     """Windows no client of the run trained on: the roles left out of a `natural` partition (its clients
     are the largest roles), or, when every role trained, the server's test split (each role's last 15%).
     At most `limit` windows, a seeded sample. Returns (x, y, what they are in words)."""
-    from client.datasets import load_dataset
-    from client.task import _partitions
+    from common.datasets import load_dataset
+    from common.task import _partitions
 
     data = DataConfig.from_run_config(run_config)
     ds = load_dataset(data.dataset, data.data_dir or None)

@@ -26,7 +26,7 @@ from fnmatch import fnmatch
 from pathlib import Path
 
 # The packages a ClientApp process imports: what decides what happens to the data and to the budget.
-CLIENT_PACKAGES = ("client", "models", "privacy")
+CLIENT_PACKAGES = ("client", "common", "models", "privacy")
 APP_ID = "fedpriv/fedpriv"
 CLIENTAPP_REF = "client.app:app"
 # Files Flower leaves out of a bundle (flwr.common.constant.FAB_EXCLUDE_PATTERNS): skipped on both sides.

@@ -2,7 +2,7 @@
 
 The first stage is kymatio's Scattering2D (J=2, L=8): wavelets fixed in advance, independent of any data,
 with no trainable weights. It therefore costs no privacy, and a client computes it once over its data
-(client/features.py caches it) so that DP-SGD only ever trains, clips and noises the head. On 28x28 images it
+(common/features.py caches it) so that DP-SGD only ever trains, clips and noises the head. On 28x28 images it
 gives 81 channels of 7x7 per input channel.
 
 A `StagedModel` keeps the two stages apart: `features` (fixed) and `head` (trained, sent and averaged). Its

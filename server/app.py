@@ -5,7 +5,7 @@ from __future__ import annotations
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from client.config import with_recommended
+from common.config import with_recommended
 from server.federation import run_federation
 from server.rounds import packed_if_deployed, shorten_reply_object_waits
 

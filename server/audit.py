@@ -117,7 +117,7 @@ class UserCanaries:
 
 class LocalCanaries:
     """Canary clients under local DP: every round each sends its update through the same LocalDpMod the real
-    clients use (client.app.local_dp): C times its direction if included, (almost) no change if not (the neighbour).
+    clients use (common.local_dp): C times its direction if included, (almost) no change if not (the neighbour).
     Score: the inner product of the privatized update with the direction, summed over rounds. The canaries
     take part in every round and never enter the aggregate."""
 
@@ -134,7 +134,7 @@ class LocalCanaries:
     def observe(self, server_round: int, _replies: list[Message], arrays: ArrayRecord) -> None:
         from flwr.app import Context
 
-        from client.app import local_dp
+        from common.local_dp import local_dp
 
         context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config=self.run_config)
         old = arrays.to_numpy_ndarrays()

@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from client import ConfigError
+from common import ConfigError
 
 CA_CERT, CA_KEY = "ca.crt", "ca.key"
 SERVER_CERT, SERVER_KEY = "server.crt", "server.key"
@@ -304,7 +304,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_certs(args: argparse.Namespace) -> int:
-    from client.paths import output_dir
+    from common.paths import output_dir
 
     output_dir(args.out, "--out")
     files = create_certs(args.out, args.hosts, args.clients, args.days, overwrite=args.force)

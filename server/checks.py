@@ -7,7 +7,7 @@ import math
 import numpy as np
 from flwr.app import ArrayRecord, Message
 
-from client.arrays import as_numpy
+from common.arrays import as_numpy
 
 
 def update_problem(reply: Message, reference: ArrayRecord, weight_key: str = "num-examples") -> str | None:

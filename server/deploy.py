@@ -31,13 +31,13 @@ from typing import Any
 
 import tomli_w
 
-from client import ConfigError
-from client.processes import flower_bin, flower_env, start_group, stop_group
+from common import ConfigError
+from common.processes import flower_bin, flower_env, start_group, stop_group
 from server.certs import CertFiles, check_public_key, check_server_certs
 
 CONNECTION = "fedpriv"
 # What the ServerApp and the ClientApp import; the commands (simulations/) stay home.
-APP_PACKAGES = ("models", "privacy", "client", "server")
+APP_PACKAGES = ("models", "privacy", "common", "client", "server")
 CHECKPOINT = "checkpoint.pt"
 DEFAULT_ADDRESS = "127.0.0.1:9092"
 WILDCARD_HOSTS = ("0.0.0.0", "::", "")

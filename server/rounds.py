@@ -21,8 +21,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from client.arrays import pack_arrays, unpack_arrays
-from client.compression import decompress_reply
+from common.arrays import pack_arrays, unpack_arrays
+from common.compression import decompress_reply
 from server.checks import update_problem
 
 log = logging.getLogger("fedpriv")
@@ -36,10 +36,10 @@ POLL_SECONDS = 0.2
 def shorten_reply_object_waits() -> None:
     """In the ServerApp's process (Flower 1.41, pinned): HttpGrid pulls a reply's objects with a first retry
     after 1 s, and a reply listed a moment before its objects reached the SuperLink cost the round a second.
-    The same short retries as the client's pulls (client/deploy_waits.py)."""
+    The same short retries as the client's pulls (common/deploy_waits.py)."""
     import flwr.superlink.grid.http_grid as http_grid
 
-    from client.deploy_waits import quick_retries
+    from common.deploy_waits import quick_retries
 
     http_grid.pull_objects = quick_retries(http_grid.pull_objects)
 
@@ -160,7 +160,7 @@ class SubsetGrid(Grid):
 
 
 class PackedGrid(SubsetGrid):
-    """A deployed grid whose messages carry each ArrayRecord as one Array (client.arrays.pack_arrays): a
+    """A deployed grid whose messages carry each ArrayRecord as one Array (common.arrays.pack_arrays): a
     fraction of the HTTP requests per message on every hop. The ClientApp unpacks and packs its reply alike."""
 
     def __init__(self, grid: Grid) -> None:

@@ -20,10 +20,10 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
-from client import ConfigError, DataConfig
-from client.secagg_codec import decode_sum, encoded_length, flatten, unflatten
-from client.secagg_config import SecAggConfig
-from client.secagg_crypto import from_ring, plain_scale
+from common import ConfigError, DataConfig
+from common.secagg_codec import decode_sum, encoded_length, flatten, unflatten
+from common.secagg_config import SecAggConfig
+from common.secagg_crypto import from_ring, plain_scale
 from privacy import DPConfig
 from privacy.skellam import SkellamPlan, plan_skellam
 from server.config import ServerConfig

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from client.secagg_crypto import (
+from common.secagg_crypto import (
     SecAggError,
     agree,
     is_public_key,

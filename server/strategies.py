@@ -21,7 +21,7 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 
-from client.arrays import array_record, as_numpy
+from common.arrays import array_record, as_numpy
 from server.config import ServerConfig
 
 _TAKE_ALL = {"fraction_train": 1.0, "fraction_evaluate": 1.0, "min_train_nodes": 1, "min_evaluate_nodes": 1,

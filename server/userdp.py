@@ -21,7 +21,7 @@ import numpy as np
 from flwr.app import ArrayRecord, Message
 from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, FedAvg
 
-from client.arrays import array_record, as_numpy
+from common.arrays import array_record, as_numpy
 from privacy import DPConfig
 
 WEIGHT_KEY = "unit-weight"

@@ -30,7 +30,7 @@ DEFAULT_CANARIES = 1000
 
 
 def _recorded_config(run_dir: Path) -> dict[str, Any]:
-    from client import ConfigError
+    from common import ConfigError
 
     path = run_dir / "config.toml"
     if not path.is_file():

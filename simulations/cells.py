@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from client import ConfigError
+from common import ConfigError
 
 RUNS = "runs"
 # Keys that may differ between a cell's plan and its records without making the records stale: where the

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from client import DataConfig, parse_partition, partition_data
+from common import DataConfig, parse_partition, partition_data
 
 CENTRAL_CLIENT_ID = "central"
 

@@ -10,7 +10,7 @@ import sys
 def user_errors() -> tuple[type[Exception], ...]:
     """The errors that mean "the user's input is wrong": each carries a one-line message naming the fix.
     Anything else is a bug and keeps its traceback."""
-    from client import ConfigError, DataError
+    from common import ConfigError, DataError
     from models import ModelError
     from privacy import PrivacyError
     from privacy.report import ReportError

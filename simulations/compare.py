@@ -44,7 +44,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from client import ConfigError, DataConfig, TrainConfig, parse_partition
+from common import ConfigError, DataConfig, TrainConfig, parse_partition
 from privacy import DPConfig
 from server import ServerConfig
 from simulations.cells import RUNS, Cell, GridResult, cell_folder_name, run_grid
@@ -323,7 +323,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_compare(args: argparse.Namespace) -> int:
-    from client.paths import output_dir
+    from common.paths import output_dir
 
     output_dir(args.out, "--out")
     config = load_compare_config(args.preset, args.config, args.seeds, args.data_dir)

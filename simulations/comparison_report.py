@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from client import parse_partition
+from common import parse_partition
 from privacy.documents import (
     Block,
     Bullets,

@@ -15,7 +15,7 @@ from flwr.app import Context, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import ServerApp
 
-from client import ConfigError
+from common import ConfigError
 
 
 def ray_current_cluster() -> Path:

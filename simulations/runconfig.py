@@ -14,12 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from client import ConfigError, DataConfig, DataError, TrainConfig
-from client.compression import CompressionConfig
-from client.config import with_recommended
-from client.devices import resolve_device
-from client.paths import input_dir, input_file, output_dir
-from client.secagg_config import SecAggConfig
+from common import ConfigError, DataConfig, DataError, TrainConfig
+from common.compression import CompressionConfig
+from common.config import with_recommended
+from common.devices import resolve_device
+from common.paths import input_dir, input_file, output_dir
+from common.secagg_config import SecAggConfig
 from privacy import DPConfig, PrivacyError
 from server import ServerConfig
 
@@ -97,8 +97,8 @@ def validate(run_config: Mapping[str, Any]) -> Configs:
         raise ConfigError(f"compress = {compression.method} cannot be combined with secagg: the server sees only "
                           "the masked sum, never a client's encoded update; use compress=none with secagg")
     # Imported here: torch and the model zoo cost seconds, which building the command line should not pay.
-    from client import load_dataset, partition_data
-    from client.features import check_cache_dir
+    from common import load_dataset, partition_data
+    from common.features import check_cache_dir
     from models import build_model, split_stages
 
     dataset = load_dataset(configs.data.dataset, configs.data.data_dir or None, configs.data.text_max_length)

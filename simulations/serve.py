@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from client.paths import input_dir
+from common.paths import input_dir
 from server.deploy import (
     CHECKPOINT,
     DEFAULT_ADDRESS,

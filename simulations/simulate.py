@@ -75,7 +75,7 @@ def overrides_from(args: argparse.Namespace, flags: list[str]) -> dict[str, Any]
     for item in args.set:
         key, sep, value = item.partition("=")
         if not sep:
-            from client import ConfigError
+            from common import ConfigError
 
             raise ConfigError(f"--set {item!r} is not KEY=VALUE; write e.g. --set trim-beta=0.1")
         out[key.strip()] = value.strip()
@@ -104,7 +104,7 @@ def simulate(run_config: Mapping[str, Any], engine: str = "inprocess", ray_optio
         if ray_options.address:
             check_ray_address(ray_options.address)  # before the data is loaded and partitioned
         if ray_options.gpus_per_client > 0 and str(run_config.get("device", "cpu")) == "cpu":
-            from client import ConfigError
+            from common import ConfigError
 
             raise ConfigError("--gpus-per-client gives each client a GPU share but device is cpu; add "
                               "--device cuda (or auto)")
@@ -161,7 +161,7 @@ def run_simulate(args: argparse.Namespace) -> int:
 
         ray_options = RayOptions(args.ray_address, args.gpus_per_client, args.cpus_per_client)
     elif args.ray_address or args.gpus_per_client:
-        from client import ConfigError
+        from common import ConfigError
 
         raise ConfigError("--ray-address and --gpus-per-client are for --engine ray; add --engine ray")
     out = simulate(run_config, args.engine, ray_options)

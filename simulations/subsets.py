@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from client import ConfigError, load_dataset
+from common import ConfigError, load_dataset
 
 # Datasets whose loader reads a folder named by `data-dir`, so a smaller copy can stand in for them.
 SUBSETTABLE = ("fashion-mnist",)

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from client import ConfigError
+from common import ConfigError
 from privacy.documents import Block, Bullets, Figure, Heading, Para, Table, write_documents
 from privacy.files import write_atomic
 from server.records import clean
@@ -247,7 +247,7 @@ def run_sweep(args: argparse.Namespace) -> int:
     clash = sorted(set(overrides) & set(swept))
     if clash:
         raise ConfigError(f"{clash[0]!r} is both swept (--set) and fixed by a flag; drop one of them")
-    from client.paths import output_dir
+    from common.paths import output_dir
 
     out = output_dir(args.out, "--out")
     result = sweep(plan_sweep(args.config, overrides, swept, out, args.target_accuracy), out)

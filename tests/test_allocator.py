@@ -1,4 +1,4 @@
-"""client/allocator.py: freed memory stays in the process, so a training step does not page-fault it back."""
+"""common/allocator.py: freed memory stays in the process, so a training step does not page-fault it back."""
 
 from __future__ import annotations
 
@@ -7,14 +7,14 @@ import sys
 
 import pytest
 
-from client.allocator import keep_freed_memory
+from common.allocator import keep_freed_memory
 
 # Ten book-keeping DP-SGD steps of the cnn at batch 256 after three warm-up steps; prints the minor page faults
 # per step. By default glibc hands the freed heap top back after each step (about 20,000 faults a step here).
 _STEPS = """
 import resource, sys, torch
 if sys.argv[1] == "keep":
-    from client.allocator import keep_freed_memory
+    from common.allocator import keep_freed_memory
     assert keep_freed_memory()
 from client.bookkeeping import BookKeeper, NoisyStep
 from models import build_model

@@ -13,8 +13,8 @@ import tomli_w
 import torch
 from torch import nn
 
-from client.config import TrainConfig
 from client.dpsgd import train_private
+from common.config import TrainConfig
 from privacy.canaries import GradientCanaries, gradient_canaries
 from simulations.audit import run_audit
 from simulations.cli import main

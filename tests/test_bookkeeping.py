@@ -17,8 +17,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import client.bookkeeping as bk
 from client.bk_rules import conv2d_rule, forward_stats, group_norm_rule
-from client.config import ConfigError, TrainConfig
 from client.dpsgd import train_private
+from common.config import ConfigError, TrainConfig
 from models import build_model
 from models.task import ModelError, TaskSpec
 from privacy.accounting import PrivacyError

@@ -19,7 +19,6 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from client import DataError, load_dataset, load_local_file, partition_indices
 from client.deploy import (
     ClientDeployError,
     ClientSettings,
@@ -30,6 +29,7 @@ from client.deploy import (
     parse_address,
 )
 from client.split import split_dataset
+from common import DataError, load_dataset, load_local_file, partition_indices
 from server.certs import (
     CertError,
     CertFiles,

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from client import ConfigError, DataConfig, DataError, partition_data
+from common import ConfigError, DataConfig, DataError, partition_data
 from simulations.cells import is_finished
 from simulations.centralized import CENTRAL_CLIENT_ID, centralized_run
 from simulations.cli import main
@@ -334,8 +334,8 @@ def test_sweep_values_are_parsed_with_clear_errors():
 def small_shakespeare(monkeypatch):
     """Shakespeare with every 20th training window and 100 test windows, so an LSTM cell takes seconds.
     No run-config key caps examples yet, so the test swaps the loader's cached dataset for a smaller one."""
-    import client.datasets as datasets
-    import client.task as task
+    import common.datasets as datasets
+    import common.task as task
 
     real = datasets._load_cached
     full = real("shakespeare", None)

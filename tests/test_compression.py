@@ -13,7 +13,7 @@ from flwr.app import Array, ArrayRecord
 from flwr.clientapp import ClientApp
 
 from client.app import app as client_app
-from client.compression import (
+from common.compression import (
     PAYLOAD,
     RESIDUAL,
     CompressionConfig,

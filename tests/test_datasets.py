@@ -1,4 +1,4 @@
-"""Offline dataset loaders (client.datasets) and the local-file loader (client.localfile)."""
+"""Offline dataset loaders (common.datasets) and the local-file loader (common.localfile)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from client.datasets import (
+from common.datasets import (
     DATASETS,
     FASHION_MNIST_DIR,
     OOV_ID,
@@ -21,7 +21,7 @@ from client.datasets import (
     load_dataset,
     parse_play,
 )
-from client.localfile import load_local_file
+from common.localfile import load_local_file
 
 FASHION_FILES = (
     "train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz",
@@ -292,13 +292,13 @@ def test_npz_missing_array_length_mismatch_and_missing_file(tmp_path: Path) -> N
 
 @pytest.mark.parametrize("name", ["digits", "breast-cancer", "fashion-mnist", "shakespeare"])
 def test_dataset_spec_is_the_loaded_datasets_spec(name: str) -> None:
-    from client.datasets import dataset_spec
+    from common.datasets import dataset_spec
 
     assert dataset_spec(name) == load_dataset(name).spec
 
 
 def test_dataset_spec_of_text_and_of_an_unknown_name() -> None:
-    from client.datasets import dataset_spec
+    from common.datasets import dataset_spec
     from models.minilm import VOCAB_SIZE
 
     assert dataset_spec("vader-sentiment", 32).input_shape == (32,)
@@ -311,8 +311,8 @@ def test_dataset_spec_of_text_and_of_an_unknown_name() -> None:
 
 def test_a_data_owners_file_needs_no_public_copy_of_the_data(tmp_path: Path) -> None:
     """A deployed client checks its file against the task's spec: no Fashion-MNIST on its machine needed."""
-    from client.config import DataConfig
-    from client.task import file_data
+    from common.config import DataConfig
+    from common.task import file_data
 
     path = tmp_path / "mine.npz"
     np.savez(path, x=np.zeros((10, 1, 28, 28), dtype=np.float32), y=np.arange(10))

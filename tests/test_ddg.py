@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord
 
-from client import ConfigError
-from client.secagg_codec import decode_sum, encode_update
-from client.secagg_config import SecAggConfig
-from client.secagg_crypto import add_mod
+from common import ConfigError
+from common.secagg_codec import decode_sum, encode_update
+from common.secagg_config import SecAggConfig
+from common.secagg_crypto import add_mod
 from privacy.accounting import PrivacyError
 from privacy.ddg import discrete_gaussian_rdp, sample_discrete_gaussian
 from privacy.skellam import ORDERS, epsilon_curve, plan_skellam

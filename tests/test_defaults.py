@@ -6,8 +6,8 @@ import json
 import tomllib
 from pathlib import Path
 
-from client import TrainConfig
-from client.config import recommended
+from common import TrainConfig
+from common.config import recommended
 from simulations.cli import main
 from simulations.runconfig import default_run_config, resolve
 

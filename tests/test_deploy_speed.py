@@ -1,4 +1,4 @@
-"""What a deployed round no longer pays: Flower's 1 s first wait for an object still on its way (client/deploy_waits.py,
+"""What a deployed round no longer pays: Flower's 1 s first wait for an object still on its way (common/deploy_waits.py,
 server/rounds.py), torch's compiler imports in every forked task, and torch in the client's supervising process."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import time
 
 from flwr.supercore.inflatable.inflatable_utils import ObjectUnavailableError, pull_objects
 
-from client.deploy_waits import quick_retries, shorten_object_waits
+from common.deploy_waits import quick_retries, shorten_object_waits
 from server.rounds import shorten_reply_object_waits
 
 
@@ -59,12 +59,12 @@ def test_a_warmed_executor_imports_nothing_at_a_tasks_first_step() -> None:
     code = """
 import sys
 import client.app, client.deploy
-from client.datasets import load_dataset
+from common.datasets import load_dataset
 ds = load_dataset("digits")
 client.deploy.warm_optimizer()
-from client.config import TrainConfig
+from common.config import TrainConfig
 from client.reuse import reusable_model, reusable_optimizer
-from client.training import train
+from common.training import train
 cfg = TrainConfig.from_run_config({"model": "mlp", "local-epochs": 1, "batch-size": 64, "learning-rate": 0.05})
 before = set(sys.modules)
 model = reusable_model("mlp", ds.spec)
@@ -95,16 +95,17 @@ print("torch" in sys.modules)
 
 
 def test_an_idle_executor_asks_less_often() -> None:
-    from client.deploy_waits import BUSY_POLL, IDLE_AFTER, IDLE_POLL, executor_wait
+    from common.deploy_waits import BUSY_POLL, IDLE_AFTER, IDLE_POLL, executor_wait
 
     assert executor_wait(0.0) == executor_wait(IDLE_AFTER - 0.01) == BUSY_POLL == 0.05
     assert executor_wait(IDLE_AFTER) == executor_wait(3600) == IDLE_POLL == 0.25
 
 
 def test_an_idle_supernode_pulls_less_often() -> None:
-    from client.deploy_waits import SUPERNODE_IDLE_POLL, supernode_wait
+    from common.deploy_waits import SUPERNODE_IDLE_POLL, supernode_wait
 
     assert supernode_wait(3, 0.2, 1) == 0.2  # an empty pull while busy: the --poll-interval cap
-    assert supernode_wait(0.5, 0.2, 0) == 0.2  # waiting for the ClientApp's reply
+    assert supernode_wait(0.5, 0.2, 0) == 0.02  # waiting for the ClientApp's reply: a look at its own memory
+    assert supernode_wait(0.5, 3.0, 60) == 0.02
     assert supernode_wait(3, 0.2, 49) == 0.2 and supernode_wait(3, 0.2, 50) == SUPERNODE_IDLE_POLL == 1.0
     assert supernode_wait(3, 3.0, 10) == 3.0  # Flower's own interval stays what it was

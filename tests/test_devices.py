@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from client import ConfigError, TrainConfig
-from client.devices import client_device, resolve_device
+from common import ConfigError, TrainConfig
+from common.devices import client_device, resolve_device
 from simulations.cli import main
 
 NO_CUDA = not torch.cuda.is_available()

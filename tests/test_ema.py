@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from client import ConfigError
+from common import ConfigError
 from server import ServerConfig
 from server.ema import ModelEMA
 from simulations.cli import main

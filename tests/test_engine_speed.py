@@ -15,10 +15,10 @@ import torch
 from flwr.app import ArrayRecord
 from sklearn import metrics as skm
 
-from client.config import TrainConfig
-from client.partitions import partition_indices
 from client.reuse import decoded_state, load_global, reusable_model, reusable_optimizer
-from client.training import classification_metrics, train
+from common.config import TrainConfig
+from common.partitions import partition_indices
+from common.training import classification_metrics, train
 from models import TaskSpec, build_model
 from server import records as records_module
 from server.records import RunRecords, read_rounds
@@ -60,7 +60,7 @@ def test_confusion_matrix_metrics_equal_sklearn_on_random_data():
 def test_iid_partition_equals_flowers_iid_partitioner():
     from flwr_datasets.partitioner import IidPartitioner
 
-    from client.partitions import _read_idx, _table
+    from common.partitions import _read_idx, _table
 
     y = np.random.default_rng(1).integers(0, 10, 1003)
     for n, seed in [(7, 3), (100, 42)]:
@@ -213,13 +213,13 @@ def test_client_directory_follows_a_reconnected_client():
 
 
 def test_fast_array_codec_writes_np_save_bytes_and_reads_them_back() -> None:
-    """client/arrays.py: the bytes are np.save's exactly (every reader decodes them as before), and reading
+    """common/arrays.py: the bytes are np.save's exactly (every reader decodes them as before), and reading
     takes the Array's own dtype and shape, with np.load deciding anything unusual."""
     import numpy as np
     import torch
     from flwr.app import Array
 
-    from client.arrays import array_record, as_numpy, record_bytes, to_array
+    from common.arrays import array_record, as_numpy, record_bytes, to_array
 
     cases = [np.random.default_rng(0).random((3, 4)).astype(np.float32), np.arange(10), np.zeros((0, 5), np.float32),
              np.array(3.0), np.random.default_rng(1).random((4, 3)).T, np.array([True, False]),

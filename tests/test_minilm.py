@@ -15,9 +15,9 @@ from torch import nn
 
 import client.bookkeeping as bk
 import models.minilm as minilm
-from client import vader
-from client.config import TrainConfig
 from client.dpsgd import train_private
+from common import vader
+from common.config import TrainConfig
 from models import build_model
 from models.task import ModelError, TaskSpec
 from simulations.cli import main

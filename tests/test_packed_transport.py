@@ -1,4 +1,4 @@
-"""Deployed messages carry each ArrayRecord as one Array (client/arrays.py pack_arrays, server/rounds.py
+"""Deployed messages carry each ArrayRecord as one Array (common/arrays.py pack_arrays, server/rounds.py
 PackedGrid, client/app.py packed_transport): what the apps see is exactly what was sent, a shared record is
 packed once, and a packed message whose layout does not add up is refused, never read shifted."""
 
@@ -14,7 +14,7 @@ from flwr.clientapp import ClientApp
 from flwr.supercore.task_identity import TaskIdentity
 
 from client.app import packed_transport
-from client.arrays import PACKED, array_record, as_numpy, pack_arrays, unpack_arrays
+from common.arrays import PACKED, array_record, as_numpy, pack_arrays, unpack_arrays
 from server.rounds import PackedGrid
 from simulations.inprocess import InProcessGrid
 

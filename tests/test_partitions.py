@@ -1,4 +1,4 @@
-"""Partitioning a training set among clients (client.partitions)."""
+"""Partitioning a training set among clients (common.partitions)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import time
 import numpy as np
 import pytest
 
-from client.datasets import DataError, load_dataset
-from client.partitions import PartitionSpec, holdout_split, parse_partition, partition_indices
+from common.datasets import DataError, load_dataset
+from common.partitions import PartitionSpec, holdout_split, parse_partition, partition_indices
 
 
 @pytest.fixture(scope="module")

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-import client.features as features
-from client import ConfigError, TrainConfig
+import common.features as features
 from client.dpsgd import train_private
-from client.features import cache_key, cached_features, check_cache_dir, staged
-from client.task import ClientData
+from common import ConfigError, TrainConfig
+from common.features import cache_key, cached_features, check_cache_dir, staged
+from common.task import ClientData
 from models import ModelError, StagedModel, TaskSpec, build_model, check_trainable_with_dp, split_stages
 from simulations.runconfig import resolve, validate
 

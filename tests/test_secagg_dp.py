@@ -10,8 +10,8 @@ from dp_accounting.rdp.rdp_privacy_accountant import compute_epsilon as dp_rdp_e
 from flwr.app import Array, ArrayRecord
 from scipy import stats
 
-from client.secagg_codec import decode_sum, encode_update, fwht, rotate, unrotate
-from client.secagg_crypto import add_mod
+from common.secagg_codec import decode_sum, encode_update, fwht, rotate, unrotate
+from common.secagg_crypto import add_mod
 from privacy.accounting import PrivacyError, Step, compute_epsilon
 from privacy.skellam import ORDERS, amplified_rdp, epsilon_curve, plan_skellam, skellam_rdp
 

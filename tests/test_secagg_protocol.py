@@ -7,7 +7,7 @@ import pytest
 from scipy import stats
 
 from client.secagg import respond
-from client.secagg_crypto import (
+from common.secagg_crypto import (
     SecAggError,
     from_ring,
     join_shares,

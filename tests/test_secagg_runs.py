@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 import client.secagg as client_secagg
-from client.secagg_crypto import SecAggError
+from common.secagg_crypto import SecAggError
 from privacy.records import validate_privacy_record
 from simulations.cli import main
 

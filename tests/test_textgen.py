@@ -13,10 +13,10 @@ import torch
 from torch import nn
 
 from client.bookkeeping import BK_MODE, BookKeeper
-from client.config import TrainConfig
-from client.datasets import OOV_ID, SEQ_LEN, SHAKESPEARE_ALPHABET, SHAKESPEARE_VOCAB_SIZE, encode_text
 from client.dpsgd import train_private
 from client.textgen import SAMPLE_FILE, generate, perplexity, text_model, write_run_sample
+from common.config import TrainConfig
+from common.datasets import OOV_ID, SEQ_LEN, SHAKESPEARE_ALPHABET, SHAKESPEARE_VOCAB_SIZE, encode_text
 from models.sequence import NGRAM_CONTEXT, CharNgram
 from models.task import ModelError
 from simulations.cli import main

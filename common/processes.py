@@ -16,7 +16,7 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
-from client.config import ConfigError
+from common.config import ConfigError
 
 __all__ = ["die_with_parent", "flower_bin", "flower_env", "start_group", "stop_group"]
 

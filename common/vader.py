@@ -42,7 +42,7 @@ MAX_LENGTH = 64  # WordPiece tokens; about 1% of the texts are longer (cut), mos
 
 
 class VaderError(ValueError):
-    """The corpus is missing or unreadable; client.datasets turns this into its DataError."""
+    """The corpus is missing or unreadable; common.datasets turns this into its DataError."""
 
 
 def _missing(folder: Path) -> VaderError:

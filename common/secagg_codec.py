@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ArrayRecord
 
-from client.secagg_crypto import SecAggError, from_ring, quantize, to_ring
+from common.secagg_crypto import SecAggError, from_ring, quantize, to_ring
 from privacy.ddg import sample_discrete_gaussian
 
 MAX_ROUNDING_DRAWS = 1000

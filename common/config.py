@@ -97,9 +97,9 @@ class DataConfig:
     }
 
     def __post_init__(self) -> None:
-        # Imported here so that `client.config` stays importable without the data stack.
-        from client.datasets import DATASETS
-        from client.partitions import parse_partition
+        # Imported here so that `common.config` stays importable without the data stack.
+        from common.datasets import DATASETS
+        from common.partitions import parse_partition
 
         if self.dataset not in DATASETS:
             raise ConfigError(f"unknown dataset {self.dataset!r}; choose one of: {', '.join(DATASETS)}")
@@ -160,7 +160,7 @@ class TrainConfig:
             raise ConfigError(f"unknown model {self.model!r}; choose one of: {', '.join(model_names())}")
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"unknown optimizer {self.optimizer!r}; choose one of: {', '.join(OPTIMIZERS)}")
-        from client.devices import check_device_name
+        from common.devices import check_device_name
 
         check_device_name(self.device)
         if self.momentum >= 1.0:

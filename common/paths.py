@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from client.config import ConfigError
+from common.config import ConfigError
 
 
 def _nearest_existing(path: Path) -> Path:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from client.datasets import DataError
+from common.datasets import DataError
 
 SUFFIXES = (".npz", ".csv")
 

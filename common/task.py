@@ -9,10 +9,10 @@ from pathlib import Path
 
 import numpy as np
 
-from client.config import DataConfig
-from client.datasets import DataError, dataset_spec, load_dataset
-from client.localfile import load_local_file
-from client.partitions import holdout_split, partition_indices
+from common.config import DataConfig
+from common.datasets import DataError, dataset_spec, load_dataset
+from common.localfile import load_local_file
+from common.partitions import holdout_split, partition_indices
 from models import TaskSpec
 
 

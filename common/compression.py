@@ -25,8 +25,8 @@ from typing import Any, ClassVar
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord
 
-from client.arrays import as_numpy, record_bytes
-from client.config import ConfigError
+from common.arrays import as_numpy, record_bytes
+from common.config import ConfigError
 
 METHODS = ("none", "int8", "topk")
 # Strategies whose aggregate is a (weighted) average of the clients' weights, possibly followed by a server

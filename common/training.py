@@ -9,8 +9,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from client.allocator import keep_freed_memory
-from client.config import TrainConfig
+from common.allocator import keep_freed_memory
+from common.config import TrainConfig
 
 
 def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -85,6 +85,9 @@ EVAL_BATCH = 256
 
 @torch.no_grad()
 def predict(model: nn.Module, x: np.ndarray, batch_size: int = EVAL_BATCH) -> torch.Tensor:
+    # The same allocator as training: a deployed server only evaluates, and without this its test-set passes
+    # page-faulted fresh memory (600k faults against 100k, 1.8 s against 1.6 s for the cnn on FMNIST's test set).
+    keep_freed_memory()
     model.eval()
     xt = as_tensor(x)
     device = next(model.parameters()).device

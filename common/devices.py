@@ -12,7 +12,7 @@ import re
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from client.config import ConfigError
+from common.config import ConfigError
 
 if TYPE_CHECKING:
     import torch

@@ -10,8 +10,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from client.config import ConfigError
-from client.secagg_crypto import MAX_BITS, MIN_BITS
+from common.config import ConfigError
+from common.secagg_crypto import MAX_BITS, MIN_BITS
 
 NOISES = ("skellam", "discrete-gaussian")  # as privacy.skellam.NOISES (client/ imports no privacy math here)
 

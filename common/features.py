@@ -29,9 +29,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from client.config import ConfigError
-from client.task import ClientData
-from client.training import as_tensor
+from common.config import ConfigError
+from common.task import ClientData
+from common.training import as_tensor
 from models import TaskSpec, split_stages
 from privacy.files import write_atomic
 

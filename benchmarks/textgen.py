@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from client.textgen import DEFAULT_PROMPT, generate, held_out_windows, load_run_model, perplexity
+from common.textgen import DEFAULT_PROMPT, generate, held_out_windows, load_run_model, perplexity
 from simulations.runconfig import resolve
 from simulations.simulate import simulate
 

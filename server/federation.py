@@ -16,11 +16,11 @@ from flwr.serverapp.strategy import Strategy
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from client.textgen import TEXT_DATASETS, write_run_sample
 from common import DataConfig, TrainConfig, evaluate, load_dataset
 from common.compression import CompressionConfig
 from common.devices import resolve_device
 from common.features import resolve_cache_dir, staged_test
+from common.textgen import TEXT_DATASETS, write_run_sample
 from models import build_model
 from privacy import DPConfig, PrivacyLedger
 from privacy.files import write_atomic

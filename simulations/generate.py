@@ -23,7 +23,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run_generate(args: argparse.Namespace) -> int:
     # Here, not at import: the generator needs torch, which building the command line should not pay for.
-    from client.textgen import DEFAULT_PROMPT, generate, held_out_windows, load_run_model, perplexity
+    from common.textgen import DEFAULT_PROMPT, generate, held_out_windows, load_run_model, perplexity
 
     prompt = DEFAULT_PROMPT if args.prompt is None else args.prompt
     run = load_run_model(args.run_dir)

@@ -14,9 +14,9 @@ from torch import nn
 
 from client.bookkeeping import BK_MODE, BookKeeper
 from client.dpsgd import train_private
-from client.textgen import SAMPLE_FILE, generate, perplexity, text_model, write_run_sample
 from common.config import TrainConfig
 from common.datasets import OOV_ID, SEQ_LEN, SHAKESPEARE_ALPHABET, SHAKESPEARE_VOCAB_SIZE, encode_text
+from common.textgen import SAMPLE_FILE, generate, perplexity, text_model, write_run_sample
 from models.sequence import NGRAM_CONTEXT, CharNgram
 from models.task import ModelError
 from simulations.cli import main

@@ -65,6 +65,13 @@ def main(argv: list[str] | None = None) -> int:
         # Our own errors are ValueError subclasses with one-line messages naming the value and the fix.
         print(f"fedpriv {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        # A path that passed the checks but that the system refuses (a parent it cannot create, a full disk, a
+        # read-only mount): one line naming it, not a traceback. Rounds already recorded stay on disk.
+        where = f" {exc.filename}:" if exc.filename else ""
+        print(f"fedpriv {args.command}: error:{where} {exc.strerror or exc}; check the path, its permissions and "
+              "the free disk space", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"fedpriv {args.command}: interrupted; the records of every finished round are kept", file=sys.stderr)
         return 130

@@ -55,3 +55,14 @@ def test_a_client_state_dir_that_is_a_file(place: Path, capsys: pytest.CaptureFi
     assert main(["client", "--superlink", "127.0.0.1:9", "--insecure", "--data", "own.npz",
                  "--state-dir", "afile"]) == 2
     assert f"--state-dir {place}/afile is a file" in capsys.readouterr().err
+
+
+def test_a_folder_the_system_refuses_is_one_line(place: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Writable by the checks' lights (root may write anywhere), refused by the system: /proc takes no folders."""
+    if not Path("/proc").is_dir():
+        pytest.skip("needs Linux's /proc")
+    assert main(["simulate", "--dataset", "digits", "--model", "mlp", "--rounds", "1",
+                 "--out", "/proc/fedpriv-test/run"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("fedpriv simulate: error: /proc/fedpriv-test"), err
+    assert "check the path" in err[0]

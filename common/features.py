@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import math
 import os
 import secrets
 from collections import OrderedDict
@@ -88,7 +89,8 @@ def compute_features(stage: nn.Module, x: np.ndarray) -> np.ndarray:
 def row_digests(x: np.ndarray) -> np.ndarray:
     """One 16-byte digest per example, so that an example seen before (in another partition of the same
     dataset, say) is looked up instead of transformed again."""
-    rows = np.ascontiguousarray(x).reshape(len(x), -1).view(np.uint8)
+    # Explicit sizes, no -1: numpy cannot infer a size from an empty array (a client with no held-out rows).
+    rows = np.ascontiguousarray(x).reshape(len(x), math.prod(x.shape[1:])).view(np.uint8)
     return np.array([hashlib.blake2b(row.data, digest_size=16).digest() for row in rows], dtype="S16")
 
 

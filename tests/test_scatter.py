@@ -100,6 +100,12 @@ def test_cache_computes_once_then_reads_the_file(stage, tmp_path, monkeypatch):
     assert cache_key(x, stage.cache_key) != cache_key(x, "another-transform")
 
 
+def test_no_rows_give_no_features(stage, tmp_path):
+    """A client with no held-out rows (holdout-fraction 0) has an empty split: its features are empty too."""
+    empty = cached_features(stage, images(0), tmp_path)
+    assert empty.shape == (0, *stage.output_shape) and empty.dtype == np.float32
+
+
 @pytest.mark.parametrize("damage", ["flip-byte", "truncate", "wrong-shape", "no-digest"])
 def test_corrupt_or_stale_cache_is_recomputed_never_used(stage, tmp_path, damage):
     x = images(12)

@@ -104,13 +104,14 @@ def score(name: str, run_dir: Path, device: str) -> dict[str, Any]:
     from common.config import DataConfig, TrainConfig
     from common.devices import resolve_device
     from common.training import classification_metrics, predict
-    from models import build_model
+    from models import build_model, split_stages
 
     run_config = tomllib.loads((run_dir / "config.toml").read_text())
     data, train = DataConfig.from_run_config(run_config), TrainConfig.from_run_config(run_config)
     ds = load_dataset(data.dataset, data.data_dir or None, data.text_max_length)
     model = build_model(train.model, ds.spec)
-    model.load_state_dict(torch.load(run_dir / "model.pt", weights_only=True))
+    # A staged model (minilm-head) saves its head's weights: what the federation averaged.
+    split_stages(model)[1].load_state_dict(torch.load(run_dir / "model.pt", weights_only=True))
     model.to(resolve_device(device))
     logits = predict(model, ds.x_test)
     keep = ("accuracy", "f1_macro")

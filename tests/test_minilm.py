@@ -174,3 +174,37 @@ def test_a_federated_round_sends_only_trainable_bytes(tmp_path: Path) -> None:
     assert 0.0 <= round_1["server"]["accuracy"] <= 1.0
     saved = torch.load(out / "model.pt", weights_only=True)
     assert sum(v.numel() for v in saved.values()) == TRAINABLE
+
+
+def test_the_head_trains_on_sentence_embeddings_computed_once(tmp_path: Path) -> None:
+    """minilm-head: unit-length mean-pooled embeddings (the same as pooling the encoder by hand), cached on
+    disk by the first run and read back by the next, the same model from both; only the head travels."""
+    model = build_model("minilm-head", SPEC, seed=0)
+    features, head = model.features, model.head
+    x, _ = _texts(5)
+    emb = features(x)
+    encoder = minilm._pretrained(str(minilm.model_dir()))
+    mask = x[0] != minilm.PAD_ID
+    with torch.no_grad():
+        states = encoder(input_ids=x[:1, : int(mask.sum())], attention_mask=mask[None, : int(mask.sum())].long())
+    pooled = states.last_hidden_state[0].mean(0)
+    torch.testing.assert_close(emb[0], pooled / pooled.norm(), rtol=1e-4, atol=1e-5)
+    assert emb.shape == (5, 384) and torch.allclose(emb.norm(dim=1), torch.ones(5))
+    assert sum(p.numel() for p in model.parameters()) == head.weight.numel() + head.bias.numel() == 770
+
+    data, cache = _small_corpus(tmp_path / "vader", 12), tmp_path / "cache"
+    runs = []
+    for name in ("first", "second"):
+        out = tmp_path / name
+        assert main(["simulate", "--dataset", "vader-sentiment", "--data-dir", str(data), "--model", "minilm-head",
+                     "--partition", "natural", "--num-clients", "4", "--rounds", "2", "--batch-size", "8",
+                     "--lr", "0.5", "--dp", "sample", "--target-epsilon", "8", "--set", "text-max-length=16",
+                     "--set", f"feature-cache-dir={cache}", "--out", str(out)]) == 0
+        runs.append(json.loads((out / "metrics.json").read_text())["rounds"][-1])
+        if name == "first":
+            cached = sorted(cache.rglob("*.npy"))
+            assert cached  # the 4 clients' texts and the server's test set
+            stamps = [p.stat().st_mtime_ns for p in cached]
+    assert [p.stat().st_mtime_ns for p in sorted(cache.rglob("*.npy"))] == stamps  # read, not recomputed
+    assert [c["metrics"]["upload-bytes"] for c in runs[0]["train"]] == [4 * 770] * 4
+    assert runs[0]["server"] == runs[1]["server"]  # the cached features give the same model

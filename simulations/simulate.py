@@ -23,7 +23,8 @@ def add_run_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--config", metavar="FILE.toml", help="run-config keys, flat or under [tool.flwr.app.config]")
     g.add_argument("--dataset", help="digits | breast-cancer | fashion-mnist | shakespeare | vader-sentiment")
     g.add_argument("--data-dir", help="folder holding the dataset files (Fashion-MNIST IDX files; the VADER sdist)")
-    g.add_argument("--model", help="a registered model: logreg, mlp, cnn, resnet, lstm, transformer, minilm")
+    g.add_argument("--model", help="a registered model: logreg, mlp, cnn, resnet, scatter-linear, scatter-cnn, "
+                   "lstm, ngram, transformer, minilm, minilm-head")
     g.add_argument("--num-clients", type=int)
     g.add_argument("--rounds", type=int)
     g.add_argument("--fraction-train", type=float, help="share of clients sampled per round, in (0, 1]")

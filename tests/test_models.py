@@ -322,3 +322,13 @@ def test_register_model_adds_a_buildable_model(monkeypatch):
         register_model("bad", kinds=("text",))
     with pytest.raises(ModelError, match="model name 'Bad Name' is not allowed"):
         register_model("Bad Name", kinds=("tabular",))
+
+
+def test_simulate_help_names_every_registered_model(capsys) -> None:  # noqa: ANN001
+    from simulations.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["simulate", "--help"])
+    # argparse wraps long lines, also after a hyphen ("scatter-" / "linear")
+    shown = " ".join(re.sub(r"-\n\s*", "-", capsys.readouterr().out).split())
+    assert [name for name in model_names() if name not in shown] == []

@@ -142,7 +142,9 @@ def wire_bytes(spec: Any) -> dict[str, Any]:
     out = {}
     for name in ("minilm", "minilm-head", "transformer"):
         model = build_model(name, spec, seed=0)
-        whole = 4 * sum(p.numel() for p in model.parameters())
+        # A staged model's fixed stage holds the encoder outside its module tree (models/minilm.py): count it.
+        encoder = getattr(getattr(model, "features", None), "_encoder", [])
+        whole = 4 * sum(p.numel() for m in (model, *encoder) for p in m.parameters())
         sent = 4 * sum(v.numel() for v in model.state_dict().values())
         # a round: the global model to each of the 4 clients and each client's update back
         out[name] = {"sent_bytes": sent, "whole_model_bytes": whole,

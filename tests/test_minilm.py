@@ -177,20 +177,23 @@ def test_a_federated_round_sends_only_trainable_bytes(tmp_path: Path) -> None:
 
 
 def test_the_head_trains_on_sentence_embeddings_computed_once(tmp_path: Path) -> None:
-    """minilm-head: unit-length mean-pooled embeddings (the same as pooling the encoder by hand), cached on
-    disk by the first run and read back by the next, the same model from both; only the head travels."""
+    """minilm-head: unit-length mean-pooled states of FEATURE_LAYERS, concatenated (the same as pooling the
+    encoder by hand), cached on disk by the first run and read back by the next, the same model from both; only
+    the head travels."""
     model = build_model("minilm-head", SPEC, seed=0)
     features, head = model.features, model.head
     x, _ = _texts(5)
     emb = features(x)
     encoder = minilm._pretrained(str(minilm.model_dir()))
-    mask = x[0] != minilm.PAD_ID
+    n = int((x[0] != minilm.PAD_ID).sum())
     with torch.no_grad():
-        states = encoder(input_ids=x[:1, : int(mask.sum())], attention_mask=mask[None, : int(mask.sum())].long())
-    pooled = states.last_hidden_state[0].mean(0)
-    torch.testing.assert_close(emb[0], pooled / pooled.norm(), rtol=1e-4, atol=1e-5)
-    assert emb.shape == (5, 384) and torch.allclose(emb.norm(dim=1), torch.ones(5))
-    assert sum(p.numel() for p in model.parameters()) == head.weight.numel() + head.bias.numel() == 770
+        states = encoder(input_ids=x[:1, :n], attention_mask=torch.ones((1, n), dtype=torch.long),
+                         output_hidden_states=True).hidden_states
+    by_hand = torch.cat([states[i][0].mean(0) / states[i][0].mean(0).norm() for i in minilm.FEATURE_LAYERS])
+    torch.testing.assert_close(emb[0], by_hand / len(minilm.FEATURE_LAYERS) ** 0.5, rtol=1e-4, atol=1e-5)
+    width = 384 * len(minilm.FEATURE_LAYERS)
+    assert emb.shape == (5, width) and torch.allclose(emb.norm(dim=1), torch.ones(5))
+    assert sum(p.numel() for p in model.parameters()) == head.weight.numel() + head.bias.numel() == 2 * width + 2
 
     data, cache = _small_corpus(tmp_path / "vader", 12), tmp_path / "cache"
     runs = []
@@ -206,5 +209,5 @@ def test_the_head_trains_on_sentence_embeddings_computed_once(tmp_path: Path) ->
             assert cached  # the 4 clients' texts and the server's test set
             stamps = [p.stat().st_mtime_ns for p in cached]
     assert [p.stat().st_mtime_ns for p in sorted(cache.rglob("*.npy"))] == stamps  # read, not recomputed
-    assert [c["metrics"]["upload-bytes"] for c in runs[0]["train"]] == [4 * 770] * 4
+    assert [c["metrics"]["upload-bytes"] for c in runs[0]["train"]] == [4 * (2 * width + 2)] * 4
     assert runs[0]["server"] == runs[1]["server"]  # the cached features give the same model

@@ -117,22 +117,31 @@ class MiniLMClassifier(nn.Module):
         if torch.is_grad_enabled() or len(tokens) <= EVAL_CHUNK:
             return self._classify(tokens)
         # Inference on many texts (the server's test set): chunks of similar length pad far less.
-        order = (tokens != PAD_ID).sum(1).argsort()
-        logits = torch.cat([self._classify(tokens[idx]) for idx in order.split(EVAL_CHUNK)])
-        return logits[order.argsort()]
+        chunks = _by_length(tokens)
+        logits = torch.cat([self._classify(tokens[idx]) for idx in chunks])
+        return logits[torch.cat(chunks).argsort()]
 
     def _classify(self, tokens: torch.Tensor) -> torch.Tensor:
         if len(tokens) == 0:  # Poisson sampling draws empty batches; BERT's reshapes cannot take one
             return self.head(self.head.weight.new_zeros((0, self.head.in_features)))
-        mask = tokens != PAD_ID
-        # Trim the columns that are padding in every row: a batch of short texts costs what its longest text
-        # costs, not the tokenizer's max length. Outputs are unchanged (padding is masked out everywhere).
-        length = max(int(mask.sum(1).max()), 1)
-        tokens, mask = tokens[:, :length], mask[:, :length]
+        tokens, mask = _trim_padding(tokens)
         states = self.encoder(input_ids=tokens, attention_mask=mask.long()).last_hidden_state
         weights = mask.unsqueeze(-1).to(states.dtype)
         pooled = (states * weights).sum(1) / weights.sum(1).clamp(min=1.0)
         return self.head(pooled)
+
+
+def _by_length(tokens: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Row indices in chunks of EVAL_CHUNK texts of similar length (each chunk then pads to far less)."""
+    return (tokens != PAD_ID).sum(1).argsort().split(EVAL_CHUNK)
+
+
+def _trim_padding(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens, mask) without the columns that are padding in every row: a batch of short texts costs what its
+    longest text costs, not the tokenizer's max length. Outputs are unchanged (padding is masked out)."""
+    mask = tokens != PAD_ID
+    length = max(int(mask.sum(1).max()), 1)
+    return tokens[:, :length], mask[:, :length]
 
 
 def _drop_frozen(module: MiniLMClassifier, state: dict[str, Any], prefix: str, _meta: Any) -> None:
@@ -193,13 +202,9 @@ class MiniLMFeatures(nn.Module):
         out = torch.zeros((len(tokens), *self.output_shape))
         if len(tokens) == 0:  # Poisson sampling draws empty batches; BERT's reshapes cannot take one
             return out.to(device)
-        # Chunks of similar length pad far less; each chunk is trimmed to its longest text.
-        order = (tokens != PAD_ID).sum(1).argsort()
-        for idx in order.split(EVAL_CHUNK):
-            mask = tokens[idx] != PAD_ID
-            length = max(int(mask.sum(1).max()), 1)
-            mask = mask[:, :length]
-            states = self._encoder[0](input_ids=tokens[idx, :length], attention_mask=mask.long(),
+        for idx in _by_length(tokens):
+            chunk, mask = _trim_padding(tokens[idx])
+            states = self._encoder[0](input_ids=chunk, attention_mask=mask.long(),
                                       output_hidden_states=True).hidden_states
             weights = mask.unsqueeze(-1).to(out.dtype)
             # Sums, not means: each is scaled to unit length next, which makes the two the same.

@@ -170,25 +170,27 @@ class PackedGrid(SubsetGrid):
         return list(self._grid.get_node_ids())
 
     def push_messages(self, messages):  # noqa: ANN001, ANN201
-        messages, memo = list(messages), {}
-        for message in messages:
-            pack_arrays(message.content, memo)
-        return self._grid.push_messages(messages)
+        return self._grid.push_messages(_packed(messages))
 
     def pull_messages(self, message_ids):  # noqa: ANN001, ANN201
-        replies = list(self._grid.pull_messages(message_ids))
-        for reply in replies:
-            _unpack_reply(reply)
-        return replies
+        return _unpacked(self._grid.pull_messages(message_ids))
 
     def send_and_receive(self, messages, *, timeout=None):  # noqa: ANN001, ANN201
-        messages, memo = list(messages), {}
-        for message in messages:
-            pack_arrays(message.content, memo)
-        replies = list(self._grid.send_and_receive(messages, timeout=timeout))
-        for reply in replies:
-            _unpack_reply(reply)
-        return replies
+        return _unpacked(self._grid.send_and_receive(_packed(messages), timeout=timeout))
+
+
+def _packed(messages: Iterable[Message]) -> list[Message]:
+    messages, memo = list(messages), {}  # one memo: the round's shared global record is packed once
+    for message in messages:
+        pack_arrays(message.content, memo)
+    return messages
+
+
+def _unpacked(replies: Iterable[Message]) -> list[Message]:
+    replies = list(replies)
+    for reply in replies:
+        _unpack_reply(reply)
+    return replies
 
 
 def _unpack_reply(reply: Message) -> None:
@@ -342,9 +344,10 @@ def run_rounds(
             record.evaluate = [{"client_id": client_id_of(r) or "?", "metrics": _metrics_of(r)} for r in replies]
         evaluate_done = time.perf_counter()
         record.server = evaluate_fn(server_round, arrays)
-        record.seconds = time.perf_counter() - started
+        finished = time.perf_counter()
+        record.seconds = finished - started
         record.phase_seconds = {"train": round(train_done - started, 4),
                                 "evaluate": round(evaluate_done - train_done, 4),
-                                "server": round(started + record.seconds - evaluate_done, 4)}
+                                "server": round(finished - evaluate_done, 4)}
         on_round(record, arrays)
     return arrays

@@ -146,9 +146,11 @@ def run_audit(run_dir: str | Path, *, canaries: int = DEFAULT_CANARIES, confiden
 
 
 def summary_line(record: dict[str, Any]) -> str:
+    estimate = record["epsilon_estimate"]
+    estimate = "infinite" if estimate is None else f"{estimate:.3g}"
     return (f"{record['level']}-level audit, {record['canaries']} canaries: epsilon lower bound "
             f"{record['epsilon_lower_bound']:.3g} at {record['confidence']:.0%} confidence vs accountant epsilon "
-            f"{record['accountant_epsilon']:.3g}: {record['verdict']}  (estimate {record['epsilon_estimate']}, "
+            f"{record['accountant_epsilon']:.3g}: {record['verdict']}  (point estimate, not a bound: {estimate}; "
             f"AUROC {record['auroc']:.3f})")
 
 

@@ -146,7 +146,7 @@ def evaluate_round(msg: Message, context: Context) -> Message:
     metrics = {}
     if len(data.y_val):
         model, data = staged(reusable_model(cfg.model, data.spec), data, resolve_cache_dir(cfg.feature_cache_dir))
-        model = load_global(model, msg.content["arrays"])
+        model = load_global(model, msg.content["arrays"], read_only=True)
         metrics = evaluate(to_device(model, client_device(context.run_config, context.node_config)), data.x_val,
                            data.y_val)
     metrics["num-examples"] = len(data.y_val)

@@ -166,6 +166,26 @@ def test_decoded_weights_follow_a_new_record():
     assert not torch.equal(second["1.weight"], first["1.weight"])
 
 
+def test_read_only_load_skips_only_while_the_model_still_holds_the_weights():
+    spec = TaskSpec(input_shape=(64,), num_classes=10)
+    a = ArrayRecord(build_model("mlp", spec, seed=1).state_dict())
+    model = reusable_model("mlp", spec)
+    load_global(model, a, read_only=True)
+    want = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():  # any in-place write, as an optimizer step is, must make the next load copy again
+        next(model.parameters()).add_(1.0)
+    load_global(model, a, read_only=True)
+    assert all(torch.equal(want[k], v) for k, v in model.state_dict().items())
+    weights = next(model.parameters())
+    version = weights._version
+    load_global(model, a, read_only=True)  # unchanged since: nothing copied
+    assert weights._version == version
+    # A wrongly shaped update is refused by load_state_dict's own message, not broadcast by copy_.
+    bad = ArrayRecord({**{k: v for k, v in model.state_dict().items()}, "1.weight": torch.zeros(1)})
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        load_global(model, bad)
+
+
 def _modules_after(code: str) -> set[str]:
     probe = f"{code}\nimport sys\nprint(' '.join(sorted(sys.modules)))"
     done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=300)

@@ -26,8 +26,8 @@ _OPTIMIZERS: dict[tuple[int, str, float, float, float], torch.optim.Optimizer] =
 # Array name -> (the serialized bytes object it was decoded from, the decoded tensor). One entry per name:
 # in-process, the 50 messages of a round carry one and the same ArrayRecord, decoded once here.
 _DECODED: dict[str, tuple[bytes, torch.Tensor]] = {}
-# model -> its tensors by state-dict key, for copying weights in without load_state_dict's per-module walk
-# (a third of a small client's message time); None for a model whose loading runs hooks (e.g. minilm's).
+# model -> its tensors by state-dict key, for copying weights in without load_state_dict's walk over every
+# submodule on every message; None for a model whose loading runs hooks (e.g. minilm's).
 # Weak keys: a DP client builds a fresh module per message, and a recycled id() must never find old tensors.
 _TARGETS: weakref.WeakKeyDictionary[nn.Module, dict[str, torch.Tensor] | None] = weakref.WeakKeyDictionary()
 # model -> (the decoded tensors last copied in, each target's version counter right after): while no counter

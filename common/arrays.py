@@ -62,7 +62,7 @@ def to_array(values: Any) -> Array:
     if values.dtype.hasobject:
         return Array(values)  # Flower refuses it with its own message
     descr = np.lib.format.dtype_to_descr(values.dtype)
-    # join copies the values once (header + values.tobytes() copied them twice: a second per train reply)
+    # One copy of the values (header + values.tobytes() made two)
     data = b"".join((_header(descr, tuple(values.shape)), values.reshape(-1).view(np.uint8)))
     return Array(dtype=str(values.dtype), shape=tuple(values.shape), stype=_NPY, data=data)
 

@@ -181,7 +181,7 @@ def test_read_only_load_skips_only_while_the_model_still_holds_the_weights():
     load_global(model, a, read_only=True)  # unchanged since: nothing copied
     assert weights._version == version
     # A wrongly shaped update is refused by load_state_dict's own message, not broadcast by copy_.
-    bad = ArrayRecord({**{k: v for k, v in model.state_dict().items()}, "1.weight": torch.zeros(1)})
+    bad = ArrayRecord({**model.state_dict(), "1.weight": torch.zeros(1)})
     with pytest.raises(RuntimeError, match="size mismatch"):
         load_global(model, bad)
 

@@ -19,8 +19,9 @@ from common.arrays import array_record, pack_arrays, unpack_arrays
 from common.compression import compress_update
 from common.config import DataConfig, TrainConfig
 from common.devices import client_device, to_device
-from common.features import resolve_cache_dir, staged
+from common.features import staged
 from common.local_dp import local_dp
+from common.messages import get_record
 from common.task import ClientData, client_seed, file_data, partition_data
 from common.training import evaluate, train
 from models import build_model
@@ -65,7 +66,7 @@ def hello(msg: Message, context: Context) -> Message:
 def train_round(msg: Message, context: Context) -> Message:
     data, data_cfg = local_data(context)
     cfg = TrainConfig.from_run_config(context.run_config)
-    config = msg.content.config_records.get("config", ConfigRecord())
+    config = get_record(msg.content, "config", ConfigRecord) or ConfigRecord()
     server_round = int(config.get("server-round", 0))
     # FedProx sends its mu with the round's config; it takes precedence over the run config's.
     cfg = replace(cfg, proximal_mu=float(config.get("proximal-mu", cfg.proximal_mu)))
@@ -73,12 +74,11 @@ def train_round(msg: Message, context: Context) -> Message:
     dp = DPConfig.from_run_config(context.run_config)
     seed = client_seed(data_cfg.seed, server_round, data.client_id)
     device = client_device(context.run_config, context.node_config)
-    cache_dir = resolve_cache_dir(cfg.feature_cache_dir)
     privacy = None
     if "sample" in dp.modes:
         # A fresh module (Opacus cannot wrap one twice). A model with a fixed feature stage (scatter-*) trains
         # only its head, on features computed once (cached).
-        model, data = staged(build_model(cfg.model, data.spec), data, cache_dir)
+        model, data = staged(build_model(cfg.model, data.spec), data, cfg.feature_cache_dir)
         model = to_device(load_global(model, msg.content["arrays"]), device)
         ledger = load_ledger(context, data.client_id)
         budget = owner_budget(dp, context)
@@ -103,7 +103,7 @@ def train_round(msg: Message, context: Context) -> Message:
         privacy["grad-sample-mode"] = str(result["grad-sample-mode"])  # bk, or the Opacus mode it fell back to
     else:
         # The process's own module and optimizer, weights loaded in place, state cleared (client/reuse.py).
-        model, data = staged(reusable_model(cfg.model, data.spec), data, cache_dir)
+        model, data = staged(reusable_model(cfg.model, data.spec), data, cfg.feature_cache_dir)
         model = to_device(load_global(model, msg.content["arrays"]), device)
         result = train(model, data.x_train, data.y_train, cfg, seed=seed, optimizer=reusable_optimizer(model, cfg))
     metrics = MetricRecord({"train_loss": result["loss"], "train_accuracy": result["accuracy"],
@@ -145,7 +145,7 @@ def evaluate_round(msg: Message, context: Context) -> Message:
     cfg = TrainConfig.from_run_config(context.run_config)
     metrics = {}
     if len(data.y_val):
-        model, data = staged(reusable_model(cfg.model, data.spec), data, resolve_cache_dir(cfg.feature_cache_dir))
+        model, data = staged(reusable_model(cfg.model, data.spec), data, cfg.feature_cache_dir)
         model = load_global(model, msg.content["arrays"], read_only=True)
         metrics = evaluate(to_device(model, client_device(context.run_config, context.node_config)), data.x_val,
                            data.y_val)

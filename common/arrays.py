@@ -19,6 +19,8 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
+from common.messages import get_record, get_records
+
 _MAGIC = b"\x93NUMPY"
 _NPY = "numpy.ndarray"  # Flower's SType.NUMPY
 
@@ -90,15 +92,15 @@ def pack_arrays(content: RecordDict, memo: dict[int, tuple[ArrayRecord, str]] | 
     once, so the object store still sees one object for all of them."""
     memo = {} if memo is None else memo
     layouts: dict[str, str] = {}
-    for name, record in list(content.array_records.items()):
-        if len(record) < 2:
+    for name, arrays in get_records(content, ArrayRecord):
+        if len(arrays) < 2:
             continue
-        if id(record) not in memo:
-            parts = list(record.items())
+        if id(arrays) not in memo:
+            parts = list(arrays.items())
             layout = [[key, a.dtype, list(a.shape), a.stype, len(a.data)] for key, a in parts]
             blob = np.frombuffer(b"".join(a.data for _, a in parts), dtype=np.uint8)
-            memo[id(record)] = (ArrayRecord({"packed": to_array(blob)}), json.dumps(layout))
-        content[name], layouts[name] = memo[id(record)]
+            memo[id(arrays)] = (ArrayRecord({"packed": to_array(blob)}), json.dumps(layout))
+        content[name], layouts[name] = memo[id(arrays)]
     if layouts:
         content[PACKED] = ConfigRecord(layouts)
 
@@ -106,12 +108,15 @@ def pack_arrays(content: RecordDict, memo: dict[int, tuple[ArrayRecord, str]] | 
 def unpack_arrays(content: RecordDict) -> bool:
     """In place: undoes pack_arrays. False when `content` was not packed. A layout that does not add up to
     the packed bytes raises ValueError (a corrupt or forged message), never a silently shifted tensor."""
-    if PACKED not in content.config_records:
+    layouts = get_record(content, PACKED, ConfigRecord)
+    if layouts is None:
         return False
-    layouts = content.config_records[PACKED]
     del content[PACKED]
     for name, text in layouts.items():
-        blob = as_numpy(content.array_records[name]["packed"]).tobytes()
+        packed = get_record(content, name, ArrayRecord)
+        if packed is None or "packed" not in packed:
+            raise ValueError(f"packed record {name!r} is missing from the message; the message is corrupt")
+        blob = as_numpy(packed["packed"]).tobytes()
         arrays, offset = {}, 0
         for key, dtype, shape, stype, size in json.loads(str(text)):
             arrays[key] = Array(dtype=dtype, shape=tuple(shape), stype=stype, data=blob[offset:offset + size])

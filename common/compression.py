@@ -27,6 +27,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 
 from common.arrays import as_numpy, record_bytes
 from common.config import ConfigError
+from common.messages import get_record
 
 METHODS = ("none", "int8", "topk")
 # Strategies whose aggregate is a (weighted) average of the clients' weights, possibly followed by a server
@@ -170,13 +171,15 @@ def compress_update(msg: Message, context: Context, call_next) -> Message:  # no
     `upload-bytes` (what is sent) and `dense-bytes` (what float weights would have cost) in its metrics."""
     cfg = CompressionConfig.from_run_config(context.run_config)
     reply = call_next(msg, context)
-    if reply.has_error() or "arrays" not in reply.content.array_records:
+    arrays = None if reply.has_error() else get_record(reply.content, "arrays", ArrayRecord)
+    if arrays is None:
         return reply  # a refusal or a failure: nothing to compress
-    dense = record_bytes(reply.content.array_records["arrays"])
+    dense = record_bytes(arrays)
     sent = dense
     if cfg.enabled:
-        weights = _numpy(reply.content.array_records["arrays"])
-        residual = _numpy(context.state[RESIDUAL]) if RESIDUAL in context.state.array_records else None
+        weights = _numpy(arrays)
+        kept = get_record(context.state, RESIDUAL, ArrayRecord)
+        residual = _numpy(kept) if kept is not None else None
         payload, new_residual = encode(_numpy(msg.content["arrays"]), weights, cfg, residual)
         if new_residual:
             context.state[RESIDUAL] = ArrayRecord({k: Array(v) for k, v in new_residual.items()})
@@ -184,7 +187,7 @@ def compress_update(msg: Message, context: Context, call_next) -> Message:  # no
         reply.content[PAYLOAD] = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in payload.items()})
         reply.content[HEADER] = ConfigRecord({"method": cfg.method, "fraction": cfg.fraction})
         sent = payload_bytes(payload)
-    metrics = reply.content.metric_records.get("metrics", MetricRecord())
+    metrics = get_record(reply.content, "metrics", MetricRecord) or MetricRecord()
     metrics["upload-bytes"] = sent
     metrics["dense-bytes"] = dense
     reply.content["metrics"] = metrics
@@ -194,11 +197,12 @@ def compress_update(msg: Message, context: Context, call_next) -> Message:  # no
 def decompress_reply(reply: Message, reference: ArrayRecord) -> str | None:
     """Server side: turn a compressed reply back into full `arrays` (in place). Returns why it could not be
     decoded (the reply then holds no update and is dropped by the checks), or None."""
-    if reply.has_error() or PAYLOAD not in reply.content.array_records:
+    payload = None if reply.has_error() else get_record(reply.content, PAYLOAD, ArrayRecord)
+    if payload is None:
         return None
-    header = reply.content.config_records.get(HEADER, ConfigRecord())
+    header = get_record(reply.content, HEADER, ConfigRecord) or ConfigRecord()
     try:
-        full = decode(_numpy(reply.content.array_records[PAYLOAD]), str(header.get("method", "")), _numpy(reference))
+        full = decode(_numpy(payload), str(header.get("method", "")), _numpy(reference))
     except (CompressionError, ValueError) as exc:
         del reply.content[PAYLOAD]
         return f"undecodable compressed update: {exc}"

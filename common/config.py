@@ -6,9 +6,12 @@ once at the edge, and never read key by key elsewhere.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import functools
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
+
+T = TypeVar("T")
 
 OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")
 # How DP-SGD takes per-example gradients: "auto" = book-keeping ("bk", one backward pass) where it covers every
@@ -55,6 +58,22 @@ def with_recommended(rc: Mapping[str, Any]) -> dict[str, Any]:
 
 class ConfigError(ValueError):
     """A config value that cannot be used; the message names the key, the value and what is allowed."""
+
+
+def parsed_once(parse: Callable[[Mapping[str, Any]], T], rc: Mapping[str, Any], keys: Iterable[str]) -> T:
+    """`parse(rc)`, memoized by the values (and their types) of the keys it reads. A ClientApp parses its
+    configs from the run config on every message: 5 ms of a 0.17 s round at 100 messages, for the same answer.
+    The configs are frozen dataclasses, so sharing one is safe; a value that cannot be hashed is parsed anew."""
+    items = tuple((key, type(rc[key]), rc[key]) for key in keys if key in rc)
+    try:
+        return _parse_items(parse, items)
+    except TypeError:
+        return parse(rc)
+
+
+@functools.lru_cache(maxsize=64)
+def _parse_items(parse: Callable[[Mapping[str, Any]], T], items: tuple[tuple[str, type, Any], ...]) -> T:
+    return parse({key: value for key, _, value in items})
 
 
 def _get(rc: Mapping[str, Any], defaults: Mapping[str, Any], key: str) -> Any:
@@ -111,6 +130,10 @@ class DataConfig:
 
     @classmethod
     def from_run_config(cls, rc: Mapping[str, Any]) -> DataConfig:
+        return parsed_once(cls._parse, rc, cls.DEFAULTS)
+
+    @classmethod
+    def _parse(cls, rc: Mapping[str, Any]) -> DataConfig:
         d = cls.DEFAULTS
         return cls(
             dataset=str(_get(rc, d, "dataset")),
@@ -171,6 +194,11 @@ class TrainConfig:
 
     @classmethod
     def from_run_config(cls, rc: Mapping[str, Any]) -> TrainConfig:
+        # "dataset" too: the recommended settings depend on it
+        return parsed_once(cls._parse, rc, (*cls.DEFAULTS, "dataset"))
+
+    @classmethod
+    def _parse(cls, rc: Mapping[str, Any]) -> TrainConfig:
         d = cls.DEFAULTS
         rc = with_recommended({**d, **rc})
         return cls(

@@ -176,12 +176,15 @@ def cached_features(stage: nn.Module, x: np.ndarray, cache_dir: Path) -> np.ndar
     return array
 
 
-def staged(model: nn.Module, data: ClientData, cache_dir: Path) -> tuple[nn.Module, ClientData]:
+def staged(model: nn.Module, data: ClientData, cache_dir: Path | str) -> tuple[nn.Module, ClientData]:
     """(the module to train and send, the data it sees). A plain model comes back as it is, with its data;
-    a staged model gives its head, and the client's data turned into (cached) features."""
+    a staged model gives its head, and the client's data turned into (cached) features. `cache_dir`: a folder,
+    or the run config's `feature-cache-dir` text, resolved only for a staged model (a path resolution on every
+    message was 3 ms of a 0.17 s round at 100 messages)."""
     stage, head = split_stages(model)
     if stage is None:
         return model, data
+    cache_dir = resolve_cache_dir(cache_dir) if isinstance(cache_dir, str) else cache_dir
     spec = TaskSpec(tuple(stage.output_shape), data.spec.num_classes)
     return head, replace(data, x_train=cached_features(stage, data.x_train, cache_dir),
                          x_val=cached_features(stage, data.x_val, cache_dir), spec=spec)

@@ -91,12 +91,14 @@ def predict(model: nn.Module, x: np.ndarray, batch_size: int = EVAL_BATCH) -> to
     model.eval()
     xt = as_tensor(x)
     device = next(model.parameters()).device
+    if len(xt) <= batch_size:  # one batch, as on most clients: no concatenation (a copy) of one part
+        return model(xt.to(device)).cpu()
     return torch.cat([model(xt[i : i + batch_size].to(device)).cpu() for i in range(0, len(xt), batch_size)])
 
 
-def confusion_matrix(y_true: torch.Tensor, y_pred: torch.Tensor, num_classes: int) -> torch.Tensor:
+def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.ndarray:
     """counts[i, j]: examples of class i predicted as j (one bincount; no per-call validation as in sklearn)."""
-    return torch.bincount(y_true * num_classes + y_pred, minlength=num_classes * num_classes).reshape(
+    return np.bincount(y_true * num_classes + y_pred, minlength=num_classes * num_classes).reshape(
         num_classes, num_classes)
 
 
@@ -128,28 +130,29 @@ def classification_metrics(y_true: np.ndarray, logits: torch.Tensor) -> dict[str
     """
     if len(y_true) == 0:
         return {}
-    yt = as_tensor(y_true)
+    labels = np.asarray(y_true)
     num_classes = logits.shape[1]
-    loss = float(nn.functional.cross_entropy(logits, yt))
-    pred = logits.argmax(1)
-    counts = confusion_matrix(yt.long(), pred, num_classes).double()
+    loss = float(nn.functional.cross_entropy(logits, as_tensor(labels)))
+    # numpy from here: on a client's few held-out examples each torch call's fixed cost was most of the work.
+    scores = logits.numpy()
+    counts = confusion_matrix(labels.astype(np.int64, copy=False), scores.argmax(1), num_classes).astype(np.float64)
     tp = counts.diagonal()
     true_n, pred_n = counts.sum(1), counts.sum(0)
     present = (true_n + pred_n) > 0
-    precision = torch.where(pred_n > 0, tp / pred_n.clamp(min=1), 0.0)
-    recall = torch.where(true_n > 0, tp / true_n.clamp(min=1), 0.0)
-    f1 = 2 * tp / (true_n + pred_n).clamp(min=1)
+    precision = np.divide(tp, pred_n, out=np.zeros_like(tp), where=pred_n > 0)
+    recall = np.divide(tp, true_n, out=np.zeros_like(tp), where=true_n > 0)
+    f1 = np.divide(2 * tp, true_n + pred_n, out=np.zeros_like(tp), where=present)
     out = {
         "loss": loss,
-        "accuracy": float(tp.sum() / len(y_true)),
+        "accuracy": float(tp.sum() / len(labels)),
         "precision_macro": float(precision[present].mean()),
         "recall_macro": float(recall[present].mean()),
         "f1_macro": float(f1[present].mean()),
     }
     if num_classes == 2:
-        scores = torch.softmax(logits, 1)[:, 1].numpy()
+        positive = torch.softmax(logits, 1)[:, 1].numpy()
         # AUC is undefined when the held-out part holds a single class (common on small, skewed clients).
-        out["roc_auc"] = binary_roc_auc(np.asarray(y_true), scores)
+        out["roc_auc"] = binary_roc_auc(labels, positive)
     return out
 
 

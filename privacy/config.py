@@ -6,6 +6,7 @@ budget-epsilon and budget-delta.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -118,7 +119,17 @@ class DPConfig:
 
     @classmethod
     def from_run_config(cls, rc: Mapping[str, Any]) -> DPConfig:
-        """Parse the privacy keys of a flat run config; other keys are ignored, missing ones take DEFAULTS."""
+        """Parse the privacy keys of a flat run config; other keys are ignored, missing ones take DEFAULTS.
+        Memoized by those keys' values and types (a ClientApp parses this on every message); the result is
+        frozen. A value that cannot be hashed is parsed anew."""
+        items = tuple((k, type(rc[k]), rc[k]) for k in cls.DEFAULTS if k in rc)
+        try:
+            return _parsed(items)
+        except TypeError:
+            return cls._parse(rc)
+
+    @classmethod
+    def _parse(cls, rc: Mapping[str, Any]) -> DPConfig:
         v = {**cls.DEFAULTS, **{k: rc[k] for k in cls.DEFAULTS if k in rc}}
         return cls(
             modes=_parse_modes(v["dp"]),
@@ -161,6 +172,11 @@ class DPConfig:
 def _suggest(n: int) -> float:
     # The next power of ten below 1/n, then one more decade, e.g. n=1000 -> 1e-4.
     return 10.0 ** (math.floor(math.log10(1 / n)) - 1)
+
+
+@functools.lru_cache(maxsize=64)
+def _parsed(items: tuple[tuple[str, type, Any], ...]) -> DPConfig:
+    return DPConfig._parse({k: value for k, _, value in items})
 
 
 def _parse_modes(value: Any) -> frozenset[str]:

@@ -5,9 +5,10 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from flwr.app import ArrayRecord, Message
+from flwr.app import ArrayRecord, Message, MetricRecord
 
 from common.arrays import as_numpy
+from common.messages import get_record
 
 
 def update_problem(reply: Message, reference: ArrayRecord, weight_key: str = "num-examples") -> str | None:
@@ -15,9 +16,9 @@ def update_problem(reply: Message, reference: ArrayRecord, weight_key: str = "nu
     if reply.has_error():
         return f"client failed: {reply.error.reason.strip().splitlines()[-1] if reply.error.reason else 'no reason'}"
     content = reply.content
-    if "arrays" not in content.array_records:
+    arrays = get_record(content, "arrays", ArrayRecord)
+    if arrays is None:
         return "reply holds no model update"
-    arrays = content.array_records["arrays"]
     if set(arrays.keys()) != set(reference.keys()):
         missing = sorted(set(reference.keys()) - set(arrays.keys()))
         extra = sorted(set(arrays.keys()) - set(reference.keys()))
@@ -29,7 +30,7 @@ def update_problem(reply: Message, reference: ArrayRecord, weight_key: str = "nu
         values = as_numpy(got)
         if np.issubdtype(values.dtype, np.floating) and not np.isfinite(values).all():
             return f"update for {key!r} holds NaN or Inf values"
-    metrics = content.metric_records.get("metrics")
+    metrics = get_record(content, "metrics", MetricRecord)
     if metrics is None or weight_key not in metrics:
         return f"reply has no {weight_key!r} metric"
     weight = metrics[weight_key]

@@ -23,6 +23,8 @@ from flwr.serverapp.strategy import Strategy
 
 from common.arrays import pack_arrays, unpack_arrays
 from common.compression import decompress_reply
+from common.messages import get_record
+from server.aggregation import Accumulator, AccumulatorFactory, InOrder
 from server.checks import update_problem
 
 log = logging.getLogger("fedpriv")
@@ -45,18 +47,22 @@ def shorten_reply_object_waits() -> None:
 
 
 def exchange(grid: Grid, messages: Iterable[Message], timeout: float | None,
-             poll_seconds: float = POLL_SECONDS) -> list[Message]:
-    """Grid.send_and_receive with a short poll: push every message, pull replies until all came or time ran out."""
+             poll_seconds: float = POLL_SECONDS, on_reply: Callable[[Message], None] | None = None) -> list[Message]:
+    """Grid.send_and_receive with a short poll: push every message, pull replies until all came or time ran out.
+    Messages are pulled in the order pushed; `on_reply` sees each reply as it is pulled (the in-process
+    engine runs a client's message only when its reply is pulled, so that is while its arrays are in cache)."""
     messages = list(messages)
     if not messages:
         return []
-    pending = set(grid.push_messages(messages))
+    pending = dict.fromkeys(grid.push_messages(messages))  # ordered, unlike a set
     deadline = None if timeout is None else time.monotonic() + timeout
     replies: list[Message] = []
     while pending:
-        got = list(grid.pull_messages(list(pending)))
-        replies.extend(got)
-        pending.difference_update(reply.metadata.reply_to_message_id for reply in got)
+        for reply in grid.pull_messages(list(pending)):
+            replies.append(reply)
+            pending.pop(reply.metadata.reply_to_message_id, None)
+            if on_reply is not None:
+                on_reply(reply)
         if not pending or (deadline is not None and time.monotonic() >= deadline):
             break
         time.sleep(poll_seconds)
@@ -64,9 +70,8 @@ def exchange(grid: Grid, messages: Iterable[Message], timeout: float | None,
 
 
 def client_id_of(reply: Message) -> str | None:
-    if reply.has_error() or "meta" not in reply.content.config_records:
-        return None
-    return str(reply.content.config_records["meta"].get("client-id"))
+    meta = None if reply.has_error() else get_record(reply.content, "meta", ConfigRecord)
+    return None if meta is None else str(meta.get("client-id"))
 
 
 class ClientDirectory:
@@ -252,38 +257,80 @@ class RoundRecord:
 
 
 def _metrics_of(reply: Message) -> dict[str, Any]:
-    record = reply.content.metric_records.get("metrics", MetricRecord())
-    return {k: v for k, v in record.items()}
+    metrics = get_record(reply.content, "metrics", MetricRecord)
+    return dict(metrics) if metrics is not None else {}
 
 
 def _privacy_of(reply: Message) -> dict[str, Any] | None:
-    privacy = reply.content.config_records.get("privacy")
+    privacy = get_record(reply.content, "privacy", ConfigRecord)
     return dict(privacy) if privacy is not None else None
+
+
+def _sender(reply: Message, directory: ClientDirectory) -> str:
+    return directory.by_node.get(reply.metadata.src_node_id, str(reply.metadata.src_node_id))
+
+
+def _usable(reply: Message, cid: str, reference: ArrayRecord, record: RoundRecord, check_arrays: bool) -> bool:
+    """Whether a reply can be used; a refused or dropped one is recorded with its reason. Privacy spent is
+    recorded whatever becomes of the update: refused, dropped or aggregated."""
+    if reply.has_content() and (privacy := _privacy_of(reply)) is not None:
+        record.privacy.append({"client_id": cid, **privacy})
+    meta = get_record(reply.content, "meta", ConfigRecord) if reply.has_content() else None
+    if meta is not None and "refused" in meta:
+        record.refused.append({"client_id": cid, "reason": str(meta["refused"])})
+        return False
+    # A compressed update is decoded to full weights first, so the checks and the strategy see weights.
+    problem = (decompress_reply(reply, reference) or update_problem(reply, reference)) if check_arrays else (
+        f"client failed: {reply.error.reason}" if reply.has_error() else None)
+    if problem is not None:
+        _drop(record, cid, problem)
+        return False
+    return True
+
+
+def _drop(record: RoundRecord, cid: str, problem: str) -> None:
+    log.warning("round %d: dropped the reply of client %s: %s", record.round, cid, problem)
+    record.dropped.append({"client_id": cid, "reason": problem})
 
 
 def _split_replies(replies: Iterable[Message], directory: ClientDirectory, reference: ArrayRecord,
                    record: RoundRecord, check_arrays: bool) -> list[Message]:
     """Keep the good replies (sorted by client id, so aggregation order never depends on arrival order)."""
-    good: list[tuple[str, Message]] = []
+    good = []
     for reply in replies:
-        cid = directory.by_node.get(reply.metadata.src_node_id, str(reply.metadata.src_node_id))
-        # Privacy spent is recorded whatever becomes of the update: refused, dropped or aggregated.
-        if reply.has_content() and (privacy := _privacy_of(reply)) is not None:
-            record.privacy.append({"client_id": cid, **privacy})
-        meta = reply.content.config_records.get("meta") if reply.has_content() else None
-        if meta is not None and "refused" in meta:
-            record.refused.append({"client_id": cid, "reason": str(meta["refused"])})
-            continue
-        # A compressed update is decoded to full weights first, so the checks and the strategy see weights.
-        problem = (decompress_reply(reply, reference) or update_problem(reply, reference)) if check_arrays else (
-            f"client failed: {reply.error.reason}" if reply.has_error() else None)
-        if problem is not None:
-            log.warning("round %d: dropped the reply of client %s: %s", record.round, cid, problem)
-            record.dropped.append({"client_id": cid, "reason": problem})
-            continue
-        good.append((cid, reply))
+        cid = _sender(reply, directory)
+        if _usable(reply, cid, reference, record, check_arrays):
+            good.append((cid, reply))
     good.sort(key=lambda pair: _client_sort_key(pair[0]))
     return [reply for _, reply in good]
+
+
+class _Take:
+    """What the round loop does with each train reply as it comes: check it and, with an accumulator, fold it
+    in (in client order) while its arrays are in cache; otherwise keep it for the strategy."""
+
+    def __init__(self, record: RoundRecord, directory: ClientDirectory, reference: ArrayRecord,
+                 accumulator: Accumulator | None) -> None:
+        self.record, self.directory, self.reference, self.accumulator = record, directory, reference, accumulator
+        self.in_order = InOrder(record.sampled, accumulator) if accumulator is not None else None
+        self.kept: list[tuple[str, Message]] = []
+
+    def __call__(self, reply: Message) -> None:
+        cid = _sender(reply, self.directory)
+        usable = _usable(reply, cid, self.reference, self.record, check_arrays=True)
+        if self.in_order is None:
+            if usable:
+                self.kept.append((cid, reply))
+        elif (problem := self.in_order.offer(cid, reply if usable else None)) is not None:
+            _drop(self.record, cid, problem)
+
+    def good(self) -> list[Message]:
+        """The usable replies in client order (all replies are in)."""
+        if self.in_order is not None:
+            self.in_order.finish()
+            return self.in_order.good
+        self.kept.sort(key=lambda pair: _client_sort_key(pair[0]))
+        return [reply for _, reply in self.kept]
 
 
 def run_rounds(
@@ -295,9 +342,12 @@ def run_rounds(
     on_round: Callable[[RoundRecord, ArrayRecord], None],
     aggregate: Callable[[int, list[Message], ArrayRecord], ArrayRecord | None] | None = None,
     secure_train: Callable[[int, RoundRecord, ClientDirectory, ArrayRecord], ArrayRecord | None] | None = None,
+    accumulate: AccumulatorFactory | None = None,
 ) -> ArrayRecord:
     """Run rounds start_round..num_rounds; after each, `on_round(record, arrays)` persists what happened.
     `aggregate(round, good_replies, current_arrays)` defaults to the strategy's own aggregate_train.
+    `accumulate(round, current_arrays)`, when given instead, makes an accumulator that takes the good replies
+    one at a time as they come, in client order (server/aggregation.py).
     `secure_train(round, record, directory, arrays)`, when given, replaces the whole train phase (secure
     aggregation: the server never holds one client's update) and returns the new arrays or None."""
     directory = ClientDirectory()
@@ -315,19 +365,24 @@ def run_rounds(
         if record.sampled and secure_train is not None:
             arrays = secure_train(server_round, record, directory, arrays) or arrays
         elif record.sampled:
-            subset = SubsetGrid(grid, [directory.node_of(c) for c in record.sampled])
+            nodes = [directory.node_of(c) for c in record.sampled]
             config = ConfigRecord({"server-round": server_round})
-            messages = list(strategy.configure_train(server_round, arrays, config, subset))
-            replies = exchange(grid, messages, settings.round_timeout)
+            messages = list(strategy.configure_train(server_round, arrays, config, SubsetGrid(grid, nodes)))
+            # In client order (Flower's sampling shuffles them): the order the in-process engine runs them in.
+            position = {node: i for i, node in enumerate(nodes)}
+            messages.sort(key=lambda m: position.get(m.metadata.dst_node_id, len(position)))
+            take = _Take(record, directory, arrays, accumulate(server_round, arrays) if accumulate else None)
+            replies = exchange(grid, messages, settings.round_timeout, on_reply=take)
             answered = {directory.by_node.get(r.metadata.src_node_id) for r in replies}
             record.missing = [c for c in record.sampled if c not in answered]
-            good = _split_replies(replies, directory, arrays, record, check_arrays=True)
+            good = take.good()
             for reply in good:
                 record.train.append({"client_id": client_id_of(reply) or "?", "metrics": _metrics_of(reply)})
             record.upload_bytes = int(sum(e["metrics"].get("upload-bytes", 0) for e in record.train))
             record.dense_bytes = int(sum(e["metrics"].get("dense-bytes", 0) for e in record.train))
             if len(good) >= settings.min_clients:
-                new_arrays = aggregate(server_round, good, arrays)
+                new_arrays = (take.accumulator.result() if take.accumulator is not None
+                              else aggregate(server_round, good, arrays))
                 if new_arrays is not None:
                     arrays = new_arrays
             else:

@@ -1,7 +1,7 @@
 """User-level DP at the server: DP-FedAvg over clipped client updates with Gaussian noise on their mean.
 
 The mechanism is that of Flower's `DifferentialPrivacyServerSideFixedClipping` (each update clipped, noise
-z*C/m on the aggregate), computed here by `aggregate_user_dp`; the Flower object built below holds the
+z*C/m on the aggregate), computed here by `ClippedSum`; the Flower object built below holds the
 settings and configures the rounds. Its noise is right only for an unweighted mean over exactly m updates,
 and fedpriv makes that hold:
 - clients are summed uniformly, whatever weight they report;
@@ -42,9 +42,9 @@ def build_user_dp_strategy(dp: DPConfig, num_clients: int, fraction: float) -> U
         num_sampled_clients=denominator(dp, num_clients, fraction))
 
 
-def aggregate_user_dp(strategy: UserDPStrategy, server_round: int, replies: list[Message], arrays: ArrayRecord,
-                      dp: DPConfig, fraction: float, seed: int, canaries: Any = None) -> ArrayRecord:
-    """One noisy DP-FedAvg step; returns the new global arrays (the old ones when nobody replied).
+class ClippedSum:
+    """One noisy DP-FedAvg step, fed one reply at a time (server/aggregation.py); `result` gives the new global
+    arrays (the old ones when nobody replied).
 
     The mechanism of Flower's `DifferentialPrivacyServerSideFixedClipping` (`strategy` holds its settings),
     computed here in one pass over each reply's arrays, decoded once and not re-encoded: each update
@@ -56,26 +56,49 @@ def aggregate_user_dp(strategy: UserDPStrategy, server_round: int, replies: list
     `canaries` (an audit run, server.audit.UserCanaries): canary clients' replies join the real ones, through
     the same clipping and noise; the auditor sees the released model, and their clipped contribution is
     then subtracted from the model the run keeps."""
-    if not replies:
-        return arrays
-    n_real = len(replies)
-    if canaries is not None:
-        replies = [*replies, *canaries.replies(server_round, arrays, replies[0])]
-    keys = list(arrays.keys())
-    old = [as_numpy(arrays[key]) for key in keys]
-    clipped = [_clipped_update(reply.content["arrays"], keys, old, strategy.clipping_norm) for reply in replies]
-    d = strategy.num_sampled_clients
-    std = noise_std(strategy)
-    # Flower draws the noise from numpy's global generator; seeding it per round keeps runs reproducible.
-    np.random.seed([seed, server_round])
-    noise = [np.random.normal(0, std, o.shape).astype(o.dtype) for o in old]
-    scale = 1.0 / fraction if dp.client_sampling == "poisson" else 1.0
-    out = [o + scale * (sum(c[i] for c in clipped) / d + noise[i]) for i, o in enumerate(old)]
-    if canaries is not None:
-        canaries.observe(server_round, old, out)
-        out = [v - scale * sum(c[i] for c in clipped[n_real:]) / d for i, v in enumerate(out)]
-    return array_record({key: np.asarray(v, dtype=old[i].dtype) for i, (key, v) in enumerate(zip(keys, out,
-                                                                                                  strict=True))})
+
+    def __init__(self, strategy: UserDPStrategy, server_round: int, arrays: ArrayRecord, dp: DPConfig,
+                 fraction: float, seed: int, canaries: Any = None) -> None:
+        self.strategy, self.server_round, self.arrays = strategy, server_round, arrays
+        self.dp, self.fraction, self.seed, self.canaries = dp, fraction, seed, canaries
+        self.keys = list(arrays.keys())
+        self.old = [as_numpy(arrays[key]) for key in self.keys]
+        self._sum: list[np.ndarray] | None = None
+        self._template: Message | None = None  # a real reply's metrics, for the canaries' replies
+
+    def add(self, reply: Message) -> None:
+        self._template = self._template or reply
+        self._fold(_clipped_update(reply.content["arrays"], self.keys, self.old, self.strategy.clipping_norm))
+
+    def _fold(self, clipped: list[np.ndarray]) -> None:
+        # 0 + first, then in place: the same additions, in the same order, as sum() over the clipped updates
+        if self._sum is None:
+            self._sum = [0 + c for c in clipped]
+        else:
+            for total, c in zip(self._sum, clipped, strict=True):
+                np.add(total, c, out=total)
+
+    def result(self) -> ArrayRecord:
+        if self._sum is None:
+            return self.arrays
+        canary_updates = []
+        if self.canaries is not None:
+            for reply in self.canaries.replies(self.server_round, self.arrays, self._template):
+                canary_updates.append(_clipped_update(reply.content["arrays"], self.keys, self.old,
+                                                      self.strategy.clipping_norm))
+                self._fold(canary_updates[-1])
+        d = self.strategy.num_sampled_clients
+        std = noise_std(self.strategy)
+        # Flower draws the noise from numpy's global generator; seeding it per round keeps runs reproducible.
+        np.random.seed([self.seed, self.server_round])
+        noise = [np.random.normal(0, std, o.shape).astype(o.dtype) for o in self.old]
+        scale = 1.0 / self.fraction if self.dp.client_sampling == "poisson" else 1.0
+        out = [o + scale * (self._sum[i] / d + noise[i]) for i, o in enumerate(self.old)]
+        if self.canaries is not None:
+            self.canaries.observe(self.server_round, self.old, out)
+            out = [v - scale * sum(c[i] for c in canary_updates) / d for i, v in enumerate(out)]
+        return array_record({key: np.asarray(v, dtype=self.old[i].dtype)
+                             for i, (key, v) in enumerate(zip(self.keys, out, strict=True))})
 
 
 def noise_std(strategy: UserDPStrategy) -> float:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import secrets
 import traceback
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 from flwr.app import Context, Error, Message, RecordDict
@@ -66,11 +66,15 @@ class InProcessGrid(Grid):
             ids.append(msg.metadata.message_id)
         return ids
 
-    def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
-        return [self._deliver(self._pending.pop(mid)) for mid in message_ids if mid in self._pending]
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterator[Message]:
+        """Runs each message as its reply is taken, in the order asked: the round loop checks and folds in a
+        reply while its arrays are still in cache (server/aggregation.py)."""
+        for mid in list(message_ids):
+            if mid in self._pending:
+                yield self._deliver(self._pending.pop(mid))
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
-        return self.pull_messages(self.push_messages(messages))
+        return list(self.pull_messages(self.push_messages(messages)))
 
     def _deliver(self, msg: Message) -> Message:
         context = self._contexts[msg.metadata.dst_node_id]

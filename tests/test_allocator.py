@@ -10,9 +10,15 @@ import pytest
 from common.allocator import keep_freed_memory
 
 # Ten book-keeping DP-SGD steps of the cnn at batch 256 after three warm-up steps; prints the minor page faults
-# per step. By default glibc hands the freed heap top back after each step (about 20,000 faults a step here).
+# per step. By default glibc hands the freed heap top back after each step (about 28,000 faults a step here).
+# Transparent huge pages are switched off for the child (PR_SET_THP_DISABLE) so that a fault is one 4 KiB page
+# whatever the host's THP setting: with THP "always" a CI host faulted the same memory back in 2 MiB pieces
+# (1,251 faults a step by default), and the ratio below measured the host, not the allocator.
 _STEPS = """
-import resource, sys, torch
+import ctypes, resource, sys
+if ctypes.CDLL(None, use_errno=True).prctl(41, 1, 0, 0, 0) != 0:  # PR_SET_THP_DISABLE
+    sys.exit("prctl(PR_SET_THP_DISABLE) refused: errno " + str(ctypes.get_errno()))
+import torch
 if sys.argv[1] == "keep":
     from common.allocator import keep_freed_memory
     assert keep_freed_memory()

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 
-class _Deferred:
+class Deferred:
     """A module imported on its first attribute access. dp_accounting (with scipy) costs seconds to import,
     which every command that merely names a PrivacyError or a DPConfig, and every run without DP, would pay."""
 
@@ -37,11 +37,11 @@ class _Deferred:
         return getattr(importlib.import_module(self._name), attr)
 
 
-dp_accounting = _Deferred("dp_accounting")
-dp_pld = _Deferred("dp_accounting.pld")
-dp_rdp = _Deferred("dp_accounting.rdp")
-privacy_loss_distribution = _Deferred("dp_accounting.pld.privacy_loss_distribution")
-rdp_privacy_accountant = _Deferred("dp_accounting.rdp.rdp_privacy_accountant")
+dp_accounting = Deferred("dp_accounting")
+dp_pld = Deferred("dp_accounting.pld")
+dp_rdp = Deferred("dp_accounting.rdp")
+privacy_loss_distribution = Deferred("dp_accounting.pld.privacy_loss_distribution")
+rdp_privacy_accountant = Deferred("dp_accounting.rdp.rdp_privacy_accountant")
 
 ACCOUNTANTS = ("rdp", "prv", "pld")
 SAMPLINGS = ("poisson", "fixed")

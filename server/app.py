@@ -7,7 +7,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from common.config import with_recommended
 from server.federation import run_federation
-from server.rounds import packed_if_deployed, shorten_reply_object_waits
+from server.rounds import deployed, packed_if_deployed, shorten_reply_object_waits
 
 app = ServerApp()
 
@@ -16,5 +16,6 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     # A run submitted with `flwr run` may leave training keys at 0 ("recommended"): resolved here, so the
     # records (config.toml) say what ran.
-    shorten_reply_object_waits()  # deployed (HttpGrid); the simulation engines' grids pull nothing
+    if deployed(grid):  # the simulation engines' grids pull no objects
+        shorten_reply_object_waits()
     run_federation(packed_if_deployed(grid), with_recommended(context.run_config))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -211,12 +212,18 @@ def _unpack_reply(reply: Message) -> None:
             del reply.content[name]
 
 
+def deployed(grid: Grid) -> bool:
+    """True for the HttpGrid of a deployment (a SuperLink over HTTP). Its module is looked up, not imported: a
+    grid of that class has loaded it already, and importing it (FastAPI and more, 0.6 s) would only lengthen
+    every simulation's start-up."""
+    http_grid = sys.modules.get("flwr.superlink.grid.http_grid")
+    return http_grid is not None and isinstance(grid, http_grid.HttpGrid)
+
+
 def packed_if_deployed(grid: Grid) -> Grid:
     """The ServerApp's grid: packed when it talks to a SuperLink over HTTP (a deployment); the simulation
     engines pass messages in memory, where packing would only copy."""
-    from flwr.superlink.grid.http_grid import HttpGrid
-
-    return PackedGrid(grid) if isinstance(grid, HttpGrid) else grid
+    return PackedGrid(grid) if deployed(grid) else grid
 
 
 @dataclass

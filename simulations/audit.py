@@ -20,7 +20,6 @@ from typing import Any
 import numpy as np
 
 from privacy import DPConfig, PrivacyError, read_privacy_record
-from privacy.audit import audit_stats, vacuity_problem
 from privacy.audit_report import AUDIT_FILE, AUDIT_SCHEMA_VERSION
 from privacy.files import write_atomic
 from simulations.runconfig import resolve
@@ -70,6 +69,10 @@ def check_audit_inputs(run_dir: Path, canaries: int, confidence: float) -> tuple
 
 def check_audit_dp(config: dict[str, Any], canaries: int, confidence: float) -> DPConfig:
     """Whether a run config has a mechanism this audit can measure with these canaries."""
+    # Imported here, not at the top: building the `fedpriv` parser imports this module, and privacy.audit's
+    # scipy.stats would add about half a second to every command's start-up.
+    from privacy.audit import vacuity_problem
+
     if not 0.0 < confidence < 1.0:
         raise PrivacyError(f"--confidence {confidence} is not in (0, 1); use e.g. 0.95")
     dp = DPConfig.from_run_config(config)
@@ -88,6 +91,7 @@ def check_audit_dp(config: dict[str, Any], canaries: int, confidence: float) -> 
 def run_audit(run_dir: str | Path, *, canaries: int = DEFAULT_CANARIES, confidence: float = 0.95, seed: int = 0,
               engine: str = "inprocess") -> dict[str, Any]:
     """Audit the run in run_dir; writes run_dir/audit.json and rebuilds the report; returns the record."""
+    from privacy.audit import audit_stats
     from simulations.simulate import simulate
 
     run_dir = Path(run_dir).resolve()

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 import logging
+import os
 import sys
 
 
@@ -77,5 +79,17 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def run() -> None:
+    """The `fedpriv` command: main(), then the process ends without Python's own teardown. Freeing the modules
+    of torch, its compiler stack and Flower one by one took 0.6-0.8 s after a simulation had finished here. The
+    exit handlers still run first (Ray's shutdown, logging's flush, finalizers); files are written and closed
+    before main returns, and only this entry point skips the teardown: main() called from Python returns."""
+    code = main()
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

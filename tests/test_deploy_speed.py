@@ -109,3 +109,25 @@ def test_an_idle_supernode_pulls_less_often() -> None:
     assert supernode_wait(0.5, 3.0, 60) == 0.02
     assert supernode_wait(3, 0.2, 49) == 0.2 and supernode_wait(3, 0.2, 50) == SUPERNODE_IDLE_POLL == 1.0
     assert supernode_wait(3, 3.0, 10) == 3.0  # Flower's own interval stays what it was
+
+
+def test_only_a_deployments_grid_is_packed() -> None:
+    """server/rounds.deployed: Flower's HttpGrid is a deployment; an in-process grid is not, and asking does not
+    import the HTTP grid (FastAPI and more) into a simulation."""
+    import subprocess
+    import sys
+
+    from flwr.superlink.grid.http_grid import HttpGrid
+
+    from server.rounds import PackedGrid, deployed, packed_if_deployed
+    from simulations.inprocess import InProcessGrid
+
+    http = HttpGrid("127.0.0.1:9091", insecure=True, token="t")
+    assert deployed(http) and isinstance(packed_if_deployed(http), PackedGrid)
+    local = InProcessGrid(None, [], {}, run_id=1)
+    assert not deployed(local) and packed_if_deployed(local) is local
+    probe = ("import sys\nfrom server.rounds import deployed\nfrom simulations.inprocess import InProcessGrid\n"
+             "assert not deployed(InProcessGrid(None, [], {}, run_id=1))\n"
+             "print('flwr.superlink.grid.http_grid' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == "False", done.stderr[-2000:]

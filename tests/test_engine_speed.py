@@ -278,3 +278,8 @@ def test_the_command_skips_teardown_but_keeps_its_output_exit_code_and_exit_hand
     bad = subprocess.run([sys.executable, "-m", "simulations.cli", "simulate", "--rounds", "0"], cwd=ROOT,
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "fedpriv simulate: error:" in bad.stderr and "rounds" in bad.stderr
+    # under a profiler the command exits the ordinary way, so the profile is written
+    profiled = subprocess.run([sys.executable, "-m", "cProfile", "-o", str(tmp_path / "p.prof"), "-m",
+                               "simulations.cli", "simulate", "--rounds", "0"], cwd=ROOT, capture_output=True,
+                              text=True, timeout=300)
+    assert profiled.returncode == 0 and (tmp_path / "p.prof").stat().st_size > 0, profiled.stderr[-2000:]

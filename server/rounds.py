@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -48,15 +49,22 @@ def shorten_reply_object_waits() -> None:
 
 
 def exchange(grid: Grid, messages: Iterable[Message], timeout: float | None,
-             poll_seconds: float = POLL_SECONDS, on_reply: Callable[[Message], None] | None = None) -> list[Message]:
+             poll_seconds: float = POLL_SECONDS, on_reply: Callable[[Message], None] | None = None,
+             while_out: Callable[[], None] | None = None) -> list[Message]:
     """Grid.send_and_receive with a short poll: push every message, pull replies until all came or time ran out.
     Messages are pulled in the order pushed; `on_reply` sees each reply as it is pulled (the in-process
-    engine runs a client's message only when its reply is pulled, so that is while its arrays are in cache)."""
+    engine runs a client's message only when its reply is pulled, so that is while its arrays are in cache).
+    `while_out` runs once after the push, before the first pull: server work that the replies do not change
+    overlaps the clients' (deployed, or on Ray) instead of following it. The timeout counts from the push."""
     messages = list(messages)
     if not messages:
+        if while_out is not None:
+            while_out()
         return []
     pending = dict.fromkeys(grid.push_messages(messages))  # ordered, unlike a set
     deadline = None if timeout is None else time.monotonic() + timeout
+    if while_out is not None:
+        while_out()
     replies: list[Message] = []
     while pending:
         for reply in grid.pull_messages(list(pending)):
@@ -252,7 +260,8 @@ class RoundRecord:
     privacy: list[dict[str, Any]] = field(default_factory=list)  # per-client ledger entries sent back with updates
     secagg: dict[str, Any] | None = None  # secure aggregation: stage reached, survivors, who was unmasked
     seconds: float = 0.0
-    # Where the round's time went: the train exchange and aggregation, the evaluate exchange, the server's test.
+    # Where the round's time went: the train exchange and aggregation; the evaluate exchange, push to last reply,
+    # which includes the server's test ("server", its own duration) run while the clients evaluate.
     phase_seconds: dict[str, float] = field(default_factory=dict)
     # Bytes of model data the aggregated updates carried (client -> server), and what float weights would cost.
     upload_bytes: int = 0
@@ -340,6 +349,14 @@ class _Take:
         return [reply for _, reply in self.kept]
 
 
+def _evaluate_on_server(record: RoundRecord, evaluate_fn: Callable[[int, ArrayRecord], dict[str, float]],
+                        server_round: int, arrays: ArrayRecord) -> None:
+    """The server's own test, run while the clients evaluate the same model: neither result depends on the other."""
+    began = time.perf_counter()
+    record.server = evaluate_fn(server_round, arrays)
+    record.phase_seconds["server"] = round(time.perf_counter() - began, 4)
+
+
 def run_rounds(
     grid: Grid,
     strategy: Strategy,
@@ -398,18 +415,20 @@ def run_rounds(
         train_done = time.perf_counter()
         evaluators = sample_clients(clients, settings.fraction_evaluate, settings.seed, server_round, "evaluate",
                                     cap=settings.max_evaluate_clients)
+        messages = []
         if evaluators:
             subset = SubsetGrid(grid, [directory.node_of(c) for c in evaluators])
             messages = list(strategy.configure_evaluate(server_round, arrays, ConfigRecord(), subset))
-            replies = _split_replies(exchange(grid, messages, settings.round_timeout), directory,
-                                     arrays, record, check_arrays=False)
+        replies = exchange(grid, messages, settings.round_timeout,
+                           while_out=partial(_evaluate_on_server, record, evaluate_fn, server_round, arrays))
+        if evaluators:
+            replies = _split_replies(replies, directory, arrays, record, check_arrays=False)
             record.evaluate = [{"client_id": client_id_of(r) or "?", "metrics": _metrics_of(r)} for r in replies]
-        evaluate_done = time.perf_counter()
-        record.server = evaluate_fn(server_round, arrays)
         finished = time.perf_counter()
         record.seconds = finished - started
+        # "evaluate" is the whole phase, push to last reply, the server's own evaluation ("server") included.
         record.phase_seconds = {"train": round(train_done - started, 4),
-                                "evaluate": round(evaluate_done - train_done, 4),
-                                "server": round(finished - evaluate_done, 4)}
+                                "evaluate": round(finished - train_done, 4),
+                                "server": record.phase_seconds.get("server", 0.0)}
         on_round(record, arrays)
     return arrays

@@ -241,3 +241,71 @@ def test_exchange_polls_until_all_replies_or_timeout():
     # m1 never answers: the loop stops at the timeout with the replies it has, pulling only what is missing.
     assert sorted({r.metadata.reply_to_message_id for r in replies}) == ["m0", "m2"] and grid.pulls > 3
     assert exchange(grid, [], timeout=1.0) == []
+
+
+class _LoggingGrid:
+    """Two nodes that answer every message on the next pull; logs pushes, pulls and the server's test."""
+
+    def __init__(self, events: list[str]) -> None:
+        self.events, self.pending = events, {}
+
+    def get_node_ids(self):
+        return [1, 2]
+
+    def push_messages(self, messages):
+        import uuid
+
+        ids = []
+        for msg in messages:
+            msg.metadata.__dict__["_message_id"] = uuid.uuid4().hex
+            self.pending[msg.metadata.message_id] = msg
+            ids.append(msg.metadata.message_id)
+            self.events.append(f"push {msg.metadata.message_type}")
+        return ids
+
+    def pull_messages(self, message_ids):
+        from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+
+        replies = []
+        for mid in message_ids:
+            msg = self.pending.pop(mid)
+            node = msg.metadata.dst_node_id
+            kind = msg.metadata.message_type
+            content = (RecordDict({"meta": ConfigRecord({"client-id": str(node)})}) if kind == "query" else
+                       RecordDict({"metrics": MetricRecord({"loss": float(node), "num-examples": 1})}))
+            reply = Message(content, reply_to=msg)
+            reply.metadata.__dict__["_src_node_id"] = node
+            replies.append(reply)
+            self.events.append(f"reply {kind}")
+        return replies
+
+
+def test_the_server_tests_the_model_while_the_clients_evaluate_it(monkeypatch):
+    """The evaluate messages go out first; the server's own test runs before their replies are pulled (so on a
+    deployment the two overlap), and both results are recorded for the round."""
+    from flwr.app import ArrayRecord
+    from flwr.serverapp.strategy import FedAvg
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from server.rounds import LoopSettings, run_rounds
+
+    for name in ("_run_id", "_node_id", "_task_id"):  # messages are made as the ServerApp's own; undone after
+        monkeypatch.setattr(TaskIdentity, name, 1)
+
+    events: list[str] = []
+    records = []
+
+    def evaluate_fn(server_round, arrays):
+        events.append("server test")
+        return {"accuracy": 0.5}
+
+    settings = LoopSettings(num_rounds=1, fraction_train=0.0, fraction_evaluate=1.0, seed=0, round_timeout=5.0)
+    run_rounds(_LoggingGrid(events), FedAvg(fraction_evaluate=1.0), ArrayRecord([np.zeros(3, np.float32)]),
+               settings, evaluate_fn, lambda record, arrays: records.append(record))
+    evaluate = [e for e in events if not e.endswith("query")]
+    assert evaluate == ["push evaluate", "push evaluate", "server test", "reply evaluate", "reply evaluate"]
+    (record,) = records
+    assert record.server == {"accuracy": 0.5}
+    assert sorted(e["metrics"]["loss"] for e in record.evaluate) == [1.0, 2.0]
+    assert set(record.phase_seconds) == {"train", "evaluate", "server"}
+    assert 0 <= record.phase_seconds["server"] <= record.phase_seconds["evaluate"]

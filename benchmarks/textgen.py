@@ -34,6 +34,8 @@ def main() -> None:
     parser.add_argument("--held-out", type=int, default=3000, help="held-out windows for perplexity")
     parser.add_argument("--variants", default="none,sample")
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--text-stride", type=int, default=20,
+                        help="characters between training windows (run-config text-stride): 4 gives 5x the targets")
     parser.add_argument("--dp-batch-size", type=int, default=None, help="DP runs' batch size (default --batch-size)")
     parser.add_argument("--dp-lr", type=float, default=None, help="DP runs' learning rate (default --lr)")
     parser.add_argument("--max-grad-norm", type=float, default=1.0)
@@ -53,8 +55,9 @@ def main() -> None:
                 "num-rounds": args.rounds, "local-epochs": args.local_epochs, "optimizer": "adam",
                 "learning-rate": args.lr, "batch-size": args.batch_size, "fraction-evaluate": 0.25,
                 "device": args.device, "strategy": args.strategy, "server-learning-rate": args.server_lr,
-                "server-momentum": args.server_momentum,
-                "out-dir": str(Path(args.work) / f"{args.model}-{dp}")}
+                "server-momentum": args.server_momentum, "text-stride": args.text_stride,
+                "out-dir": str(Path(args.work) / "-".join(
+                    [args.model, *([f"stride{args.text_stride}"] if args.text_stride != 20 else []), dp]))}
         if dp == "sample":
             keys.update({"dp": "sample", "target-epsilon": args.epsilon, "delta": 1e-5,
                          "max-grad-norm": args.max_grad_norm, "batch-size": args.dp_batch_size or args.batch_size,
@@ -87,7 +90,8 @@ def main() -> None:
 def _write(args: argparse.Namespace, results: list[dict]) -> None:
     meta = {k: getattr(args, k) for k in ("model", "clients", "rounds", "local_epochs", "lr", "epsilon",
                                           "batch_size", "dp_batch_size", "dp_lr", "max_grad_norm", "strategy",
-                                          "server_lr", "server_momentum", "held_out", "threads", "device")}
+                                          "server_lr", "server_momentum", "held_out", "threads", "device",
+                                          "text_stride")}
     meta["load_average"] = os.getloadavg()
     Path(args.out).write_text(json.dumps({"setup": meta, "results": results}, indent=1))
 

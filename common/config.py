@@ -104,6 +104,7 @@ class DataConfig:
     holdout_fraction: float = 0.1
     seed: int = 42
     text_max_length: int = 64  # tokens per text (vader-sentiment), [CLS] and [SEP] included; longer ones are cut
+    text_stride: int = 20  # characters between training windows' starts (shakespeare); common/datasets.py
 
     DEFAULTS: ClassVar[dict[str, Any]] = {
         "dataset": "fashion-mnist",
@@ -113,11 +114,12 @@ class DataConfig:
         "holdout-fraction": 0.1,
         "seed": 42,
         "text-max-length": 64,
+        "text-stride": 20,
     }
 
     def __post_init__(self) -> None:
         # Imported here so that `common.config` stays importable without the data stack.
-        from common.datasets import DATASETS
+        from common.datasets import DATASETS, SEQ_LEN
         from common.partitions import parse_partition
 
         if self.dataset not in DATASETS:
@@ -127,6 +129,9 @@ class DataConfig:
             raise ConfigError(f"num-clients = {self.num_clients} is out of range; it must be >= 1")
         if not 0.0 <= self.holdout_fraction < 1.0:
             raise ConfigError(f"holdout-fraction = {self.holdout_fraction} is out of range; it must be in [0, 1)")
+        if not 1 <= self.text_stride <= SEQ_LEN:
+            raise ConfigError(f"text-stride = {self.text_stride} is out of range; use 1 to {SEQ_LEN} (characters "
+                              "between the starts of two training windows of shakespeare; 20 is the default)")
 
     @classmethod
     def from_run_config(cls, rc: Mapping[str, Any]) -> DataConfig:
@@ -143,6 +148,7 @@ class DataConfig:
             holdout_fraction=_positive("holdout-fraction", _get(rc, d, "holdout-fraction"), allow_zero=True),
             seed=_positive("seed", _get(rc, d, "seed"), kind=int, allow_zero=True),
             text_max_length=_positive("text-max-length", _get(rc, d, "text-max-length"), kind=int),
+            text_stride=_positive("text-stride", _get(rc, d, "text-stride"), kind=int),
         )
 
 

@@ -51,7 +51,10 @@ SEQ_LEN = 80
 BREAST_CANCER_FEATURES = 30  # sklearn's Wisconsin diagnostic set
 # Windows start every WINDOW_STRIDE characters instead of every character: stride 1 would give ~4.3M
 # windows (2.7 GB as int64), stride 20 keeps ~190k training windows, enough to train a char-LSTM while
-# loading in a few seconds. Neighbouring windows still overlap by 60 characters.
+# loading in a few seconds. Neighbouring windows still overlap by 60 characters. The run-config key
+# text-stride sets the training windows' stride (a model that predicts one character a window learns from
+# one target per stride characters: 4 gives five times the targets of 20 from the same text, ~700 MB); the
+# test windows, and which roles are kept, stay at WINDOW_STRIDE so that runs of any stride are scored alike.
 WINDOW_STRIDE = 20
 # The last 15% of each role's text is that role's share of the server test set, so the test set covers
 # every client that trains and no test character is ever seen in training.
@@ -100,9 +103,11 @@ class Dataset:
             )
 
 
-def load_dataset(name: str, data_dir: str | Path | None = None, max_length: int | None = None) -> Dataset:
+def load_dataset(name: str, data_dir: str | Path | None = None, max_length: int | None = None,
+                 stride: int | None = None) -> Dataset:
     """Load a named dataset (one of DATASETS). data_dir is read by fashion-mnist (its IDX folder) and
-    vader-sentiment (the folder of its sdist); max_length (tokens) by the text datasets only."""
+    vader-sentiment (the folder of its sdist); max_length (tokens) by the text datasets only; stride (the
+    training windows', characters) by shakespeare only."""
     if name not in DATASETS:
         raise DataError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}")
     folder = None
@@ -110,7 +115,17 @@ def load_dataset(name: str, data_dir: str | Path | None = None, max_length: int 
         default = FASHION_MNIST_DIR if name == "fashion-mnist" else VADER_DIR
         # Resolved so that "data", "./data" and Path("data") share one cache entry.
         folder = str(Path(data_dir).expanduser().resolve()) if data_dir else str(default)
-    return _load_cached(name, folder, _text_length(max_length) if name in TEXT_DATASETS else None)
+    return _load_cached(name, folder, _text_length(max_length) if name in TEXT_DATASETS else None,
+                        text_stride(stride) if name == "shakespeare" else None)
+
+
+def text_stride(stride: int | None) -> int:
+    """The training windows' stride, checked (None: WINDOW_STRIDE)."""
+    stride = WINDOW_STRIDE if stride is None else stride
+    if isinstance(stride, bool) or not isinstance(stride, int) or not 1 <= stride <= SEQ_LEN:
+        raise DataError(f"text-stride {stride!r} is not allowed; use an int from 1 to {SEQ_LEN} (characters between "
+                        f"the starts of two training windows; {WINDOW_STRIDE} is the default)")
+    return stride
 
 
 def _text_length(max_length: int | None) -> int:
@@ -145,7 +160,8 @@ def dataset_spec(name: str, max_length: int | None = None) -> TaskSpec:
 # The cache holds a few hundred MB at most, and the returned arrays are read-only so no caller can
 # change what the next caller gets.
 @functools.cache
-def _load_cached(name: str, folder: str | None, max_length: int | None = None) -> Dataset:
+def _load_cached(name: str, folder: str | None, max_length: int | None = None,
+                 stride: int | None = None) -> Dataset:
     if name == "digits":
         ds = _load_digits()
     elif name == "breast-cancer":
@@ -155,7 +171,7 @@ def _load_cached(name: str, folder: str | None, max_length: int | None = None) -
     elif name == "vader-sentiment":
         ds = _load_vader(Path(folder or VADER_DIR), max_length or VADER_MAX_LENGTH)
     else:
-        ds = _load_shakespeare()
+        ds = _load_shakespeare(stride or WINDOW_STRIDE)
     for array in (ds.x_train, ds.y_train, ds.x_test, ds.y_test, ds.groups, ds.test_groups):
         if array is not None:
             array.flags.writeable = False
@@ -346,24 +362,29 @@ def encode_text(text: str) -> np.ndarray:
     return np.where(codes < 128, table[np.minimum(codes, 127)], OOV_ID)
 
 
-def _windows(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(x, y): SEQ_LEN-character windows every WINDOW_STRIDE characters and the character after each."""
+def _windows(ids: np.ndarray, stride: int = WINDOW_STRIDE) -> tuple[np.ndarray, np.ndarray]:
+    """(x, y): SEQ_LEN-character windows every `stride` characters and the character after each."""
     if len(ids) <= SEQ_LEN:
         return np.empty((0, SEQ_LEN), np.int64), np.empty(0, np.int64)
-    views = np.lib.stride_tricks.sliding_window_view(ids, SEQ_LEN + 1)[::WINDOW_STRIDE]
+    views = np.lib.stride_tricks.sliding_window_view(ids, SEQ_LEN + 1)[::stride]
     return views[:, :SEQ_LEN].copy(), views[:, SEQ_LEN].copy()
 
 
-def _load_shakespeare() -> Dataset:
+def _window_count(length: int, stride: int = WINDOW_STRIDE) -> int:
+    return 0 if length <= SEQ_LEN else (length - SEQ_LEN - 1) // stride + 1
+
+
+def _load_shakespeare(stride: int = WINDOW_STRIDE) -> Dataset:
     train_x, train_y, test_x, test_y, groups = [], [], [], [], []
     for path in sorted(_plays_folder().glob("*/*.md")):
         for role, text in sorted(parse_play(path.read_text(encoding="utf-8")).items()):
             ids = encode_text(text)
             cut = int(round(len(ids) * (1.0 - SHAKESPEARE_TEST_FRACTION)))
-            xa, ya = _windows(ids[:cut])
-            xb, yb = _windows(ids[cut:])
-            if len(ya) < MIN_TRAIN_WINDOWS or len(yb) < 1:
+            # Which roles are kept does not depend on the stride: the same clients at any stride.
+            if _window_count(cut) < MIN_TRAIN_WINDOWS or _window_count(len(ids) - cut) < 1:
                 continue
+            xa, ya = _windows(ids[:cut], stride)
+            xb, yb = _windows(ids[cut:])
             train_x.append(xa)
             train_y.append(ya)
             test_x.append(xb)

@@ -37,17 +37,17 @@ def client_seed(seed: int, server_round: int, client_id: str) -> int:
 
 @lru_cache(maxsize=4)
 def _partitions(dataset: str, data_dir: str, partition: str, num_clients: int, seed: int,
-                max_length: int = 0) -> tuple[np.ndarray, ...]:
+                max_length: int = 0, stride: int | None = None) -> tuple[np.ndarray, ...]:
     # Cached because a simulated client is rebuilt for every message: without it every round re-partitions.
-    ds = load_dataset(dataset, data_dir or None, max_length or None)
+    ds = load_dataset(dataset, data_dir or None, max_length or None, stride)
     return tuple(partition_indices(ds.y_train, partition, num_clients, seed, groups=ds.groups))
 
 
 @lru_cache(maxsize=1 << 16)
 def _split(dataset: str, data_dir: str, partition: str, num_clients: int, seed: int, max_length: int,
-           holdout_fraction: float, partition_id: int) -> tuple[np.ndarray, np.ndarray]:
+           holdout_fraction: float, partition_id: int, stride: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     # A client's (train, held-out) indices, drawn once per process: every message of every round asks again.
-    indices = _partitions(dataset, data_dir, partition, num_clients, seed, max_length)[partition_id]
+    indices = _partitions(dataset, data_dir, partition, num_clients, seed, max_length, stride)[partition_id]
     train_idx, val_idx = holdout_split(indices, holdout_fraction, seed + partition_id)
     train_idx.flags.writeable = val_idx.flags.writeable = False  # shared by every later call
     return train_idx, val_idx
@@ -57,9 +57,9 @@ def partition_data(cfg: DataConfig, partition_id: int) -> ClientData:
     """Partition `partition_id` of cfg.dataset, split into local train and held-out parts."""
     if not 0 <= partition_id < cfg.num_clients:
         raise DataError(f"partition-id {partition_id} is out of range for num-clients {cfg.num_clients}")
-    ds = load_dataset(cfg.dataset, cfg.data_dir or None, cfg.text_max_length)
+    ds = load_dataset(cfg.dataset, cfg.data_dir or None, cfg.text_max_length, cfg.text_stride)
     train_idx, val_idx = _split(cfg.dataset, cfg.data_dir, cfg.partition, cfg.num_clients, cfg.seed,
-                                cfg.text_max_length, cfg.holdout_fraction, partition_id)
+                                cfg.text_max_length, cfg.holdout_fraction, partition_id, cfg.text_stride)
     return ClientData(str(partition_id), ds.x_train[train_idx], ds.y_train[train_idx], ds.x_train[val_idx],
                       ds.y_train[val_idx], ds.spec)
 

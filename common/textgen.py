@@ -139,12 +139,14 @@ def held_out_windows(run_config: dict[str, Any], limit: int = 5000, seed: int = 
     from common.task import _partitions
 
     data = DataConfig.from_run_config(run_config)
+    # At the default stride whatever the run's text-stride: the same held-out windows for every run.
     ds = load_dataset(data.dataset, data.data_dir or None)
     x, y, what = ds.x_test, ds.y_test, "the server test split (the last 15% of every role's lines)"
     if data.partition == "natural" and ds.groups is not None:
-        parts = _partitions(data.dataset, data.data_dir, data.partition, data.num_clients, data.seed)
-        used = np.zeros(len(ds.y_train), bool)
-        used[np.concatenate(parts)] = True
+        parts = _partitions(data.dataset, data.data_dir, data.partition, data.num_clients, data.seed, 0,
+                            data.text_stride)
+        trained = load_dataset(data.dataset, data.data_dir or None, stride=data.text_stride).groups
+        used = np.isin(ds.groups, np.unique(trained[np.concatenate(parts)]))
         roles = len(set(ds.groups[~used].tolist()))
         if roles:
             x, y = ds.x_train[~used], ds.y_train[~used]

@@ -85,7 +85,7 @@ def run_federation(grid: Grid, run_config: Mapping[str, Any], *, progress: bool 
     out_dir = Path(server_cfg.out_dir)
     resume_from = server_cfg.resume_from
 
-    dataset = load_dataset(data_cfg.dataset, data_cfg.data_dir or None, data_cfg.text_max_length)
+    dataset = load_dataset(data_cfg.dataset, data_cfg.data_dir or None, data_cfg.text_max_length, data_cfg.text_stride)
     model = build_model(train_cfg.model, dataset.spec, seed=server_cfg.seed)
     device = resolve_device(train_cfg.device)
     # A staged model (scatter-*): the federation averages its head; the test set goes through its fixed features.

@@ -101,7 +101,8 @@ def validate(run_config: Mapping[str, Any]) -> Configs:
     from common.features import check_cache_dir
     from models import build_model, split_stages
 
-    dataset = load_dataset(configs.data.dataset, configs.data.data_dir or None, configs.data.text_max_length)
+    dataset = load_dataset(configs.data.dataset, configs.data.data_dir or None, configs.data.text_max_length,
+                           configs.data.text_stride)
     if configs.data.num_clients > len(dataset.y_train):
         raise DataError(f"num-clients = {configs.data.num_clients} is more than the {len(dataset.y_train)} training "
                         f"examples of {configs.data.dataset}; use fewer clients")

@@ -233,6 +233,23 @@ def test_shakespeare_windows_targets_and_groups() -> None:
     assert np.unique(ds.groups, return_counts=True)[1].min() >= 2
 
 
+def test_text_stride_sets_the_training_windows_only() -> None:
+    """text-stride 10: twice the training windows, from the same roles; the test windows stay at the default
+    stride, and every second window at stride 10 is a window at 20."""
+    base, dense = load_dataset("shakespeare"), load_dataset("shakespeare", stride=10)
+    assert dense.x_train.shape[1] == SEQ_LEN and 1.9 < len(dense.y_train) / len(base.y_train) < 2.1
+    np.testing.assert_array_equal(np.unique(dense.groups), np.unique(base.groups))
+    np.testing.assert_array_equal(dense.x_test, base.x_test)
+    np.testing.assert_array_equal(dense.y_test, base.y_test)
+    role = "hamlet/HAMLET"
+    a, b = dense.x_train[dense.groups == role], base.x_train[base.groups == role]
+    np.testing.assert_array_equal(a[::2][:len(b)], b)
+    np.testing.assert_array_equal(a[:-1, 10:], a[1:, :SEQ_LEN - 10])
+    for bad in (0, SEQ_LEN + 1, 2.5, True):
+        with pytest.raises(DataError, match=f"text-stride {bad!r} is not allowed; use an int from 1 to {SEQ_LEN}"):
+            load_dataset("shakespeare", stride=bad)
+
+
 # ---------------------------------------------------------------- local files
 
 

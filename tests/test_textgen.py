@@ -173,3 +173,26 @@ def test_dp_report_shows_the_sample_as_post_processing(tmp_path):
     assert sample["text"][:30] in report and "post-processing of the DP-trained model" in report
     assert "compressed (int8) after DP-SGD" in report
     assert math.isfinite(json.loads((out / "metrics.json").read_text())["rounds"][-1]["server"]["loss"])
+
+
+@pytest.mark.parametrize("value", ["0", "81"])
+def test_a_bad_text_stride_fails_before_training(tmp_path, capsys, value):
+    out = tmp_path / "bad"
+    assert main(["simulate", "--dataset", "shakespeare", "--model", "ngram", "--num-clients", "2", "--rounds", "1",
+                 "--set", f"text-stride={value}", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"text-stride = {value} is out of range" in err and err.count("\n") == 1
+    assert value == "0" or f"use 1 to {SEQ_LEN}" in err
+    assert not out.exists()
+
+
+def test_held_out_windows_do_not_depend_on_the_training_stride():
+    """The same roles are held out and the same windows drawn at any text-stride, so runs compare."""
+    from common.textgen import held_out_windows
+
+    keys = {"dataset": "shakespeare", "partition": "natural", "num-clients": 20}
+    x20, y20, what20 = held_out_windows(keys, limit=500)
+    x10, y10, what10 = held_out_windows({**keys, "text-stride": 10}, limit=500)
+    assert what20 == what10 and "roles that no client held" in what20
+    np.testing.assert_array_equal(x20, x10)
+    np.testing.assert_array_equal(y20, y10)

@@ -54,9 +54,13 @@ def _tail(path: Path, lines: int = 200) -> list[str]:
         return []
 
 
+# Flower's notices that it is retrying a connection: they say "failed" but are not why anything ended.
+_RETRY_NOTICE = "Connection attempt failed, retrying"
+
+
 def last_error(path: Path) -> str:
     """The most telling line of a Flower log: the last error or exception, else the last line."""
-    tail = [line.strip() for line in _tail(path) if line.strip()]
+    tail = [line.strip() for line in _tail(path) if line.strip() and _RETRY_NOTICE not in line]
     for line in reversed(tail):
         if any(w in line for w in ("Error", "ERROR", "Exception", "refused", "failed")):
             return line[-300:]
@@ -336,8 +340,23 @@ def follow_run(cli: FlowerCli, run_id: str, settings: ServerSettings, num_rounds
 
 
 def run_status(cli: FlowerCli, run_id: str) -> str:
+    """'finished:completed', or e.g. 'finished:failed (No heartbeat received from the task)' with Flower's
+    status details when it gives any."""
     runs = cli.json("list", CONNECTION, "--run-id", run_id).get("runs", [])
-    return str(runs[0].get("status", "unknown")) if runs else "unknown"
+    if not runs:
+        return "unknown"
+    status, details = str(runs[0].get("status", "unknown")), str(runs[0].get("status-details") or "").strip()
+    return f"{status} ({details})" if details and not status.endswith("completed") else status
+
+
+def run_failure(status: str, log: Path) -> str:
+    """Why a run did not complete, in one line: Flower's status, the log's last error, and what to do."""
+    hint = ""
+    if "heartbeat" in status.lower():
+        # Flower marks a run failed when its ServerApp process sends no heartbeat for 2 x 30 s.
+        hint = ("; the ServerApp process went quiet for a minute (killed, or starved of CPU on an overloaded "
+                "host: fewer clients per machine help)")
+    return f"run ended {status}: {last_error(log)}{hint}; full log {log}"
 
 
 def serve(run_config: Mapping[str, Any], settings: ServerSettings) -> str:

@@ -19,9 +19,9 @@ from server.deploy import (
     ServerDeployError,
     ServerSettings,
     check_port_free,
-    last_error,
     loud_insecure_warning,
     parse_address,
+    run_failure,
     security_from,
     serve,
 )
@@ -114,8 +114,7 @@ def run_server(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 130
     if status != "finished:completed":
-        raise ServerDeployError(f"run ended {status}: {last_error(settings.deploy_dir / 'serverapp.log')}; "
-                                f"full log {settings.deploy_dir / 'serverapp.log'}")
+        raise ServerDeployError(run_failure(status, settings.deploy_dir / "serverapp.log"))
     reports = ", privacy.json, report.md, report.html" if (settings.run_dir / "privacy.json").exists() else ""
     print(f"run finished; records in {settings.run_dir} (config.toml, metrics.json, metrics.csv, model.pt"
           f"{reports})")

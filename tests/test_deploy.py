@@ -232,3 +232,30 @@ def test_deployment_with_tls_auth_dp_a_crashed_client_and_a_resumed_server(tmp_p
         procs.stop_all()
     time.sleep(1.0)  # Flower's children notice a dead parent within 0.2 s
     assert _our_processes(str(tmp_path)) == []
+
+
+def test_a_failed_run_says_flowers_reason_not_a_retry_notice(tmp_path: Path) -> None:
+    """A run Flower failed for a missing heartbeat: the message gives Flower's status details and a hint, and
+    the log's connection-retry notices (which say "failed") are not taken for the error."""
+    from server.deploy import last_error, run_failure, run_status
+
+    log = tmp_path / "serverapp.log"
+    log.write_text("INFO :      Start `flwr-serverapp` process\n"
+                   "ERROR :     round 2: secagg stage collect timed out\n"
+                   "WARNING :   Connection attempt failed, retrying in 0.03 seconds\n")
+    assert last_error(log) == "ERROR :     round 2: secagg stage collect timed out"
+
+    class Cli:
+        def __init__(self, run: dict) -> None:
+            self.run = run
+
+        def json(self, *args: str) -> dict:
+            return {"runs": [self.run]}
+
+    failed = run_status(Cli({"status": "finished:failed", "status-details": "No heartbeat received from the task"}),
+                        "1")
+    assert failed == "finished:failed (No heartbeat received from the task)"
+    assert run_status(Cli({"status": "finished:completed", "status-details": "done"}), "1") == "finished:completed"
+    message = run_failure(failed, log)
+    assert message.startswith("run ended finished:failed (No heartbeat received from the task): ERROR")
+    assert "went quiet for a minute" in message and str(log) in message and "\n" not in message

@@ -421,9 +421,8 @@ def run_rounds(
             messages = list(strategy.configure_evaluate(server_round, arrays, ConfigRecord(), subset))
         replies = exchange(grid, messages, settings.round_timeout,
                            while_out=partial(_evaluate_on_server, record, evaluate_fn, server_round, arrays))
-        if evaluators:
-            replies = _split_replies(replies, directory, arrays, record, check_arrays=False)
-            record.evaluate = [{"client_id": client_id_of(r) or "?", "metrics": _metrics_of(r)} for r in replies]
+        replies = _split_replies(replies, directory, arrays, record, check_arrays=False)
+        record.evaluate = [{"client_id": client_id_of(r) or "?", "metrics": _metrics_of(r)} for r in replies]
         finished = time.perf_counter()
         record.seconds = finished - started
         # "evaluate" is the whole phase, push to last reply, the server's own evaluation ("server") included.

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from client.bk_rules import RULES, Saved, forward_stats, unsupported_reason
+from common import objective
 from common.config import TrainConfig
 from common.training import as_tensor, make_optimizer
 from models.task import ModelError
@@ -138,7 +139,7 @@ class BookKeeper:
         self._kept = []
         self._recording = True
         try:
-            logits = self.model(x)
+            outputs = objective.training_outputs(self.model, x)
         finally:
             self._recording = False
         kept, self._kept = self._kept, []
@@ -147,11 +148,12 @@ class BookKeeper:
                              "use an Opacus grad-sample mode (hooks)")
         # reduction="sum": each output gradient row is then that example's own gradient (Opacus' "mean"
         # rescales its per-sample gradients by the batch size to the same thing).
-        loss = F.cross_entropy(logits, y, reduction="sum")
-        outputs = [k.output for k in kept]
-        grads = torch.autograd.grad(loss, outputs, allow_unused=True) if outputs else ()
+        # An every-position model's example loss is the mean over its positions (common/objective.py).
+        loss = objective.loss(outputs, x, y, reduction="sum")
+        layer_outputs = [k.output for k in kept]
+        grads = torch.autograd.grad(loss, layer_outputs, allow_unused=True) if layer_outputs else ()
         batch = x.shape[0]
-        norm_sq = logits.new_zeros(batch).detach()
+        norm_sq = outputs.new_zeros(batch).detach()
         layers = []
         for k, g in zip(kept, grads, strict=True):
             g = torch.zeros_like(k.output) if g is None else g
@@ -164,7 +166,7 @@ class BookKeeper:
         for layer in layers:
             for p, s in layer.clipped_sum(factors):
                 sums[p] = sums[p] + s if p in sums else s
-        return sums, logits.detach(), norms
+        return sums, objective.last_logits(outputs).detach(), norms
 
 
 def poisson_batches(num_examples: int, sample_rate: float, steps: int,

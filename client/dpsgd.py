@@ -19,6 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from client.bookkeeping import BK_MODE, Canaries, bk_unsupported, train_bookkeeping
+from common import objective
 from common.allocator import keep_freed_memory
 from common.config import TrainConfig
 from common.training import as_tensor, make_optimizer
@@ -143,9 +144,11 @@ def _epochs(wrapped: nn.Module, dp_optimizer, criterion, dp_loader, local_epochs
                 dp_optimizer.step()
                 steps += 1
                 continue
-            logits = wrapped(xb)
-            loss = criterion(logits, yb)
+            outputs = objective.training_outputs(wrapped, xb)
+            loss = objective.criterion_loss(criterion, outputs, xb, yb, ghost=isinstance(
+                dp_optimizer, DPOptimizerFastGradientClipping))
             loss.backward()
+            logits = objective.last_logits(outputs)
             if rows:
                 _add_canary_rows(dp_optimizer, rows, names or {})
             dp_optimizer.step()

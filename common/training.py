@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from common import objective
 from common.allocator import keep_freed_memory
 from common.config import TrainConfig
 
@@ -54,7 +55,6 @@ def train(
     generator = torch.Generator().manual_seed(seed)
     xt, yt = as_tensor(x), as_tensor(y)
     optimizer = optimizer if optimizer is not None else make_optimizer(model.parameters(), cfg)
-    loss_fn = nn.CrossEntropyLoss()
     anchor = (
         {n: p.detach().clone() for n, p in model.named_parameters()} if cfg.proximal_mu > 0 else None
     )
@@ -65,14 +65,17 @@ def train(
         for idx in shuffled_batches(len(yt), cfg.batch_size, generator):
             xb, yb = xt[idx].to(device), yt[idx].to(device)
             optimizer.zero_grad(set_to_none=True)
-            logits = model(xb)
-            loss = loss_fn(logits, yb)
+            outputs = objective.training_outputs(model, xb)
+            loss = objective.loss(outputs, xb, yb)
             if anchor is not None:
                 loss = loss + proximal_term(model, anchor, cfg.proximal_mu)
             loss.backward()
             optimizer.step()
             steps += 1
-            total_loss += float(loss.detach()) * len(yb)
+            # Reported on the label, as evaluation scores it (an every-position model trains on all positions).
+            logits = objective.last_logits(outputs).detach()
+            total_loss += (float(loss.detach()) if outputs.dim() == 2
+                           else float(nn.functional.cross_entropy(logits, yb))) * len(yb)
             correct += int((logits.argmax(1) == yb).sum())
             seen += len(yb)
     return {"loss": total_loss / max(seen, 1), "accuracy": correct / max(seen, 1), "steps": float(steps)}

@@ -1,4 +1,5 @@
-"""Token-sequence models: a character LSTM, a small Transformer encoder and a neural n-gram, all Opacus-ready.
+"""Token-sequence models: a character LSTM, a small Transformer encoder, a neural n-gram and a small GPT-style
+causal Transformer, all Opacus-ready.
 
 torch's nn.LSTM fuses its weights in a way Opacus cannot split per example; opacus.layers.DPLSTM
 computes the same function from nn.Linear pieces, which Opacus's per-sample gradient rules support.
@@ -42,11 +43,11 @@ def build_lstm(spec: TaskSpec) -> nn.Module:
 class SelfAttention(nn.Module):
     """Multi-head self-attention built from nn.Linear, so Opacus takes per-example gradients."""
 
-    def __init__(self, d_model: int, heads: int) -> None:
+    def __init__(self, d_model: int, heads: int, causal: bool = False) -> None:
         super().__init__()
         if d_model % heads:
             raise ModelError(f"d_model {d_model} is not divisible by heads {heads}; pick a divisor of it")
-        self.heads = heads
+        self.heads, self.causal = heads, causal
         self.qkv = nn.Linear(d_model, 3 * d_model)
         self.out = nn.Linear(d_model, d_model)
 
@@ -55,17 +56,17 @@ class SelfAttention(nn.Module):
         # Explicit sizes, no -1: reshapes that infer a size fail on an empty batch.
         qkv = self.qkv(x).view(batch, length, 3, self.heads, d_model // self.heads)
         query, key, value = qkv.permute(2, 0, 3, 1, 4)  # each (batch, heads, length, head_dim)
-        attended = F.scaled_dot_product_attention(query, key, value)
+        attended = F.scaled_dot_product_attention(query, key, value, is_causal=self.causal)
         return self.out(attended.transpose(1, 2).reshape(batch, length, d_model))
 
 
 class EncoderLayer(nn.Module):
     """Pre-norm Transformer encoder layer: x + attn(LN(x)), then x + MLP(LN(x))."""
 
-    def __init__(self, d_model: int, heads: int, ff_dim: int) -> None:
+    def __init__(self, d_model: int, heads: int, ff_dim: int, causal: bool = False) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(d_model)
-        self.attention = SelfAttention(d_model, heads)
+        self.attention = SelfAttention(d_model, heads, causal)
         self.norm2 = nn.LayerNorm(d_model)
         self.feed_forward = nn.Sequential(nn.Linear(d_model, ff_dim), nn.GELU(), nn.Linear(ff_dim, d_model))
 
@@ -162,3 +163,54 @@ class CharNgram(nn.Module):
 def build_ngram(spec: TaskSpec) -> nn.Module:
     assert spec.vocab_size is not None  # guaranteed by kind == "sequence"
     return CharNgram(spec.vocab_size, spec.num_classes)
+
+
+class CausalCharTransformer(nn.Module):
+    """A small GPT-style character model: token + position embeddings, causal (pre-norm) Transformer layers,
+    LayerNorm, and next-character logits at every position.
+
+    Why it exists next to `ngram`: the n-gram model learns from one target per window (the character after it),
+    so an 80-character window every 20 characters gives it one target per 20 characters of text. Position t of
+    this model sees only characters 0..t, so one window teaches it 80 next characters at once, each after its
+    own left context; training windows need not overlap (`text-stride 80`). `every_position` tells the trainers
+    (common/objective.py) to score all of them: an example's loss is the mean over its positions, so one window
+    stays one example for clipping and for DP's accounting. `forward` returns the logits after the last
+    character, as every other model does, so evaluation, perplexity and `fedpriv generate` work unchanged."""
+
+    every_position = True
+
+    def __init__(self, vocab_size: int, max_len: int, num_classes: int, d_model: int = 128, heads: int = 4,
+                 layers: int = 2, ff_dim: int = 512) -> None:
+        super().__init__()
+        if num_classes != vocab_size:
+            raise ModelError(f"a causal language model predicts the next token, so it needs as many classes as "
+                             f"tokens; the task has {num_classes} classes and {vocab_size} tokens "
+                             "(use a next-character dataset such as shakespeare)")
+        self.max_len = max_len
+        self.token_embedding = nn.Embedding(vocab_size, d_model)
+        self.position_embedding = nn.Embedding(max_len, d_model)  # an nn.Embedding: per-example grad rules exist
+        self.layers = nn.Sequential(*(EncoderLayer(d_model, heads, ff_dim, causal=True) for _ in range(layers)))
+        self.norm = nn.LayerNorm(d_model)
+        self.head = nn.Linear(d_model, num_classes)
+
+    def forward_every_position(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(batch, length, classes): at position t, the logits of the character after tokens[:, :t + 1]."""
+        batch, length = tokens.shape
+        if length > self.max_len:
+            raise ModelError(f"sequence length {length} exceeds the model's max length {self.max_len}; "
+                             "feed at most that many characters (fedpriv generate keeps the last ones)")
+        # One row of positions per example (Opacus takes the table's gradient per example), contiguous for
+        # Opacus's ghost rule, which calls .view on the indices.
+        positions = torch.arange(length, device=tokens.device).expand(batch, length).contiguous()
+        x = self.token_embedding(tokens) + self.position_embedding(positions)
+        return self.head(self.norm(self.layers(x)))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.forward_every_position(tokens)[:, -1]
+
+
+@register_model("gpt", kinds=("sequence",), needs="a next-token task (as many classes as tokens)",
+                fits=lambda spec: spec.num_classes == spec.vocab_size)
+def build_gpt(spec: TaskSpec) -> nn.Module:
+    assert spec.vocab_size is not None  # guaranteed by kind == "sequence"
+    return CausalCharTransformer(spec.vocab_size, spec.input_shape[0], spec.num_classes)

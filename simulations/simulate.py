@@ -24,7 +24,7 @@ def add_run_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--dataset", help="digits | breast-cancer | fashion-mnist | shakespeare | vader-sentiment")
     g.add_argument("--data-dir", help="folder holding the dataset files (Fashion-MNIST IDX files; the VADER sdist)")
     g.add_argument("--model", help="a registered model: logreg, mlp, cnn, resnet, scatter-linear, scatter-cnn, "
-                   "lstm, ngram, transformer, minilm, minilm-head")
+                   "lstm, ngram, gpt, transformer, minilm, minilm-head")
     g.add_argument("--num-clients", type=int)
     g.add_argument("--rounds", type=int)
     g.add_argument("--fraction-train", type=float, help="share of clients sampled per round, in (0, 1]")

@@ -49,6 +49,7 @@ CASES = [
     ("scatter-cnn", IMAGE8),
     ("lstm", SEQUENCE),
     ("ngram", CHARS),
+    ("gpt", CHARS),
     ("transformer", SEQUENCE),
     ("transformer", TEXT),
     ("minilm", TEXT),
@@ -79,7 +80,7 @@ def _batch(spec: TaskSpec, n: int, seed: int = 0) -> tuple[torch.Tensor, torch.T
 
 def test_every_registered_model_is_covered():
     assert sorted({name for name, _ in CASES}) == model_names()
-    assert model_names() == ["cnn", "logreg", "lstm", "minilm", "minilm-head", "mlp", "ngram", "resnet",
+    assert model_names() == ["cnn", "gpt", "logreg", "lstm", "minilm", "minilm-head", "mlp", "ngram", "resnet",
                              "scatter-cnn", "scatter-linear", "transformer"]
 
 
@@ -186,7 +187,7 @@ def test_unknown_model_names_the_choices():
     with pytest.raises(ModelError) as err:
         build_model("foo", IMAGE28)
     assert str(err.value) == (
-        "unknown model 'foo'; choose one of: cnn, logreg, lstm, minilm, minilm-head, mlp, ngram, resnet, "
+        "unknown model 'foo'; choose one of: cnn, gpt, logreg, lstm, minilm, minilm-head, mlp, ngram, resnet, "
         "scatter-cnn, scatter-linear, transformer"
     )
 
@@ -210,13 +211,19 @@ def test_unknown_model_names_the_choices():
             "mlp",
             SEQUENCE,
             "model 'mlp' needs tabular rows or images, but the dataset gives token sequences of length 20 "
-            "(vocab 40); models that fit: lstm, transformer",
+            "(vocab 40); models that fit: gpt, lstm, transformer",
         ),
         (
             "ngram",
             SEQUENCE,
             "model 'ngram' needs token sequences of length 32 or more, but the dataset gives token sequences of "
-            "length 20 (vocab 40); models that fit: lstm, transformer",
+            "length 20 (vocab 40); models that fit: gpt, lstm, transformer",
+        ),
+        (
+            "gpt",
+            TEXT,
+            "model 'gpt' needs a next-token task (as many classes as tokens), but the dataset gives token "
+            "sequences of length 12 (vocab 30522); models that fit: lstm, minilm, minilm-head, transformer",
         ),
         (
             "resnet",

@@ -14,10 +14,12 @@ from torch import nn
 
 from client.bookkeeping import BK_MODE, BookKeeper
 from client.dpsgd import train_private
+from common import objective
 from common.config import TrainConfig
 from common.datasets import OOV_ID, SEQ_LEN, SHAKESPEARE_ALPHABET, SHAKESPEARE_VOCAB_SIZE, encode_text
 from common.textgen import SAMPLE_FILE, generate, perplexity, text_model, write_run_sample
-from models.sequence import NGRAM_CONTEXT, CharNgram
+from common.training import train
+from models.sequence import NGRAM_CONTEXT, CausalCharTransformer, CharNgram
 from models.task import ModelError
 from simulations.cli import main
 from simulations.runconfig import resolve
@@ -65,7 +67,7 @@ def test_a_broken_sampler_would_be_caught_by_perplexity():
     assert perplexity(NextLetter(unk_bias=False), x, y + 1) > 1e10  # sure of the wrong character
 
 
-@pytest.mark.parametrize(("model", "length"), [("lstm", 12), ("transformer", 40), ("ngram", 40)])
+@pytest.mark.parametrize(("model", "length"), [("lstm", 12), ("transformer", 40), ("ngram", 40), ("gpt", 40)])
 def test_generate_command_is_seeded_and_uses_the_vocabulary(tmp_path, capsys, model, length):
     run = fake_run(tmp_path, model)
     outputs = []
@@ -131,6 +133,102 @@ def test_ngram_book_keeping_clips_like_opacus():
     finally:
         keeper.close()
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+def _small_gpt(seed: int = 1) -> CausalCharTransformer:
+    torch.manual_seed(seed)
+    return CausalCharTransformer(SHAKESPEARE_VOCAB_SIZE, SEQ_LEN, SHAKESPEARE_VOCAB_SIZE, d_model=16, heads=2,
+                                 layers=1, ff_dim=32)
+
+
+def test_gpt_reads_only_to_the_left_and_answers_at_the_last_position():
+    """Position t's logits must not depend on characters after t (else training on every position would
+    leak each target into its own input), and `forward` is the last position's answer."""
+    model = _small_gpt().eval()
+    x, _ = _cycled_windows("To be, or not to be: that is the question:\n", 2)
+    xt = torch.from_numpy(x)
+    changed = xt.clone()
+    changed[:, 50] = (changed[:, 50] + 1) % SHAKESPEARE_VOCAB_SIZE
+    with torch.no_grad():
+        before, after = model.forward_every_position(xt), model.forward_every_position(changed)
+        torch.testing.assert_close(model(xt), before[:, -1])
+    torch.testing.assert_close(before[:, :50], after[:, :50])
+    assert (before[:, 50:] - after[:, 50:]).abs().amax() > 1e-4
+    targets = objective.next_tokens(xt, torch.tensor([7, 9]))
+    assert targets[:, :-1].tolist() == xt[:, 1:].tolist() and targets[:, -1].tolist() == [7, 9]
+
+
+def _loop_norms(model: nn.Module, x: torch.Tensor, y: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+    """Each example's gradient norm, one example at a time (the definition, no per-example tricks)."""
+    norms = []
+    for i in range(len(y)):
+        model.zero_grad()
+        outputs = model.forward_every_position(x[i:i + 1])
+        loss = (nn.functional.cross_entropy(outputs[:, -1], y[i:i + 1]) if last_only
+                else objective.loss(outputs, x[i:i + 1], y[i:i + 1], reduction="sum"))
+        loss.backward()
+        norms.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]).norm())
+    return torch.stack(norms)
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing:UserWarning")  # data needs no gradient
+def test_gpt_example_gradient_is_its_mean_over_positions_in_bk_and_opacus():
+    """One window is one example: book-keeping's and Opacus' per-example norms are those of the mean loss over
+    the window's positions, computed one example at a time. A trainer that scored only the label would give
+    other norms, which this check tells apart."""
+    from opacus import GradSampleModule
+
+    model = _small_gpt()
+    x, y = (torch.from_numpy(a) for a in _cycled_windows("Now is the winter of our discontent\n", 5))
+    want = _loop_norms(model, x, y)
+    assert not torch.allclose(_loop_norms(model, x, y, last_only=True), want, rtol=1e-2)
+    keeper = BookKeeper(model)
+    try:
+        _, logits, got = keeper.clipped_sum(x, y, 1.0)
+    finally:
+        keeper.close()
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    assert logits.shape == (len(y), SHAKESPEARE_VOCAB_SIZE)
+    gsm = GradSampleModule(_small_gpt(), loss_reduction="sum")
+    objective.loss(objective.training_outputs(gsm, x), x, y, reduction="sum").backward()
+    opacus_norms = torch.cat([p.grad_sample.reshape(len(y), -1) for p in gsm.parameters()], 1).norm(dim=1)
+    torch.testing.assert_close(opacus_norms, want, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing:UserWarning")
+def test_gpt_dp_round_is_the_same_in_bk_hooks_and_ghost():
+    """Same batches, clipping and noise draws: one DP-SGD round gives the same model whichever way the
+    per-example gradients are taken, ghost clipping's sequence loss included."""
+    x, y = _cycled_windows("Now is the winter of our discontent\n", 48)
+    cfg = TrainConfig(model="gpt", optimizer="sgd", learning_rate=0.5, batch_size=16, local_epochs=1)
+    models, results = {}, {}
+    for mode in ("bk", "hooks", "ghost"):
+        models[mode] = _small_gpt(seed=4)
+        results[mode] = train_private(models[mode], x, y, cfg, noise_multiplier=0.5, max_grad_norm=0.1, seed=3,
+                                      grad_sample_mode=mode)
+        assert results[mode]["grad-sample-mode"] == mode
+    start = _small_gpt(seed=4)
+    assert not torch.allclose(models["bk"].head.weight, start.head.weight)
+    for mode in ("hooks", "ghost"):
+        assert results[mode]["loss"] == pytest.approx(results["bk"]["loss"], rel=1e-4)
+        for (name, p), q in zip(models["bk"].named_parameters(), models[mode].parameters(), strict=True):
+            torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=f"{mode}: {name}")
+
+
+def test_gpt_learns_a_line_from_every_position_and_writes_it():
+    """60 windows of a repeated line, 75 Adam steps: taught all 80 positions of each window, the model writes
+    the line back. Book-keeping DP-SGD's clipping (noise off: at this size any noise drowns a 430k-weight
+    model) trains the same objective to the same place."""
+    line = "Now is the winter of our discontent\n"
+    x, y = _cycled_windows(line, 60)
+    cfg = TrainConfig(model="gpt", optimizer="adam", learning_rate=0.003, batch_size=20, local_epochs=25)
+    torch.manual_seed(0)
+    plain = text_model(resolve(None, {"dataset": "shakespeare", "model": "gpt"})).train()
+    assert train(plain, x, y, cfg, seed=0)["steps"] == 75
+    assert perplexity(plain, x, y) < 1.1 and generate(plain, line * 3, len(line), 0.0) == line
+    clipped = text_model(resolve(None, {"dataset": "shakespeare", "model": "gpt"})).train()
+    result = train_private(clipped, x, y, cfg, noise_multiplier=0.0, max_grad_norm=1.0, seed=0)
+    assert result["grad-sample-mode"] == BK_MODE and perplexity(clipped, x, y) < 1.2
 
 
 @pytest.mark.parametrize(("flags", "fragment"), [

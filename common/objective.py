@@ -32,7 +32,7 @@ def training_outputs(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def next_tokens(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """(batch, length) targets of an every-position model: the window shifted left by one, then the label."""
-    return torch.cat([x[:, 1:], y.reshape(-1, 1).to(x.dtype)], dim=1)
+    return torch.cat([x[:, 1:].long(), y.reshape(-1, 1).long()], dim=1)  # class indices: int64, as torch wants
 
 
 def last_logits(outputs: torch.Tensor) -> torch.Tensor:

@@ -195,6 +195,13 @@ class CausalCharTransformer(nn.Module):
 
     def forward_every_position(self, tokens: torch.Tensor) -> torch.Tensor:
         """(batch, length, classes): at position t, the logits of the character after tokens[:, :t + 1]."""
+        return self.head(self.norm(self._encode(tokens)))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        # The last position only through the norm and head: the same numbers, 1/length of that work.
+        return self.head(self.norm(self._encode(tokens)[:, -1]))
+
+    def _encode(self, tokens: torch.Tensor) -> torch.Tensor:
         batch, length = tokens.shape
         if length > self.max_len:
             raise ModelError(f"sequence length {length} exceeds the model's max length {self.max_len}; "
@@ -202,11 +209,7 @@ class CausalCharTransformer(nn.Module):
         # One row of positions per example (Opacus takes the table's gradient per example), contiguous for
         # Opacus's ghost rule, which calls .view on the indices.
         positions = torch.arange(length, device=tokens.device).expand(batch, length).contiguous()
-        x = self.token_embedding(tokens) + self.position_embedding(positions)
-        return self.head(self.norm(self.layers(x)))
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.forward_every_position(tokens)[:, -1]
+        return self.layers(self.token_embedding(tokens) + self.position_embedding(positions))
 
 
 @register_model("gpt", kinds=("sequence",), needs="a next-token task (as many classes as tokens)",

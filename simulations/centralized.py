@@ -43,7 +43,12 @@ def union_file(data: DataConfig, data_root: Path) -> Path:
 
     Each client's held-out part is included too: the central node holds out the same fraction of the union
     (holdout-fraction), so it trains on as many examples as the clients together do."""
-    path = data_root / f"{data.dataset}-natural-{data.num_clients}-clients-union.npz"
+    # Every setting that changes the examples is in the name, so a cached union is never another run's
+    # (the defaults add nothing: files written before these keys existed keep their names).
+    variant = "".join(f"-{word}{value}" for word, key, value in (("stride", "text-stride", data.text_stride),
+                                                                 ("length", "text-max-length", data.text_max_length))
+                      if value != DataConfig.DEFAULTS[key])
+    path = data_root / f"{data.dataset}-natural-{data.num_clients}-clients{variant}-union.npz"
     if path.is_file():
         return path
     parts = [partition_data(data, i) for i in range(data.num_clients)]

@@ -156,6 +156,12 @@ def test_natural_partition_baseline_holds_exactly_the_natural_clients_data(tmp_p
     parts = [partition_data(data, i) for i in range(3)]
     assert len(y) == sum(p.num_examples + len(p.y_val) for p in parts)
     assert np.array_equal(x[: parts[0].num_examples], parts[0].x_train)
+    # Another text-stride is other examples: its own union, not the cached one.
+    _, strided = centralized_run({**run, "text-stride": 40}, tmp_path)
+    assert strided is not None and strided[0]["data-path"] != nodes[0]["data-path"]
+    with np.load(strided[0]["data-path"]) as union:
+        assert len(union["y"]) == sum(p.num_examples + len(p.y_val) for p in (
+            partition_data(dataclasses.replace(data, text_stride=40), i) for i in range(3)))
     # A label partition needs no file: the same run with one client.
     iid, none = centralized_run({**run, "dataset": "digits", "partition": "dirichlet:0.3", "model": "mlp"},
                                 tmp_path)

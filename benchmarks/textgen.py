@@ -6,6 +6,8 @@ without DP and with sample-level DP; held-out-role perplexity and a sample of ea
 
 DP runs may take their own batch size and learning rate (--dp-batch-size, --dp-lr): larger Poisson batches
 cut the noise per example that DP-SGD adds, so the best private setting differs from the non-private one.
+The variant `central` is the centralized baseline (simulations/centralized.py): one node holding the same
+clients' text, one pass over it per round, the same model and settings.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from pathlib import Path
 import torch
 
 from common.textgen import DEFAULT_PROMPT, generate, held_out_windows, load_run_model, perplexity
+from simulations.cells import Cell, run_cell
+from simulations.centralized import centralized_run
 from simulations.runconfig import resolve
 from simulations.simulate import simulate
 
@@ -32,7 +36,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=0.003)
     parser.add_argument("--epsilon", type=float, default=8.0)
     parser.add_argument("--held-out", type=int, default=3000, help="held-out windows for perplexity")
-    parser.add_argument("--variants", default="none,sample")
+    parser.add_argument("--variants", default="none,sample", help="none, sample (DP-SGD), central (one node)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--text-stride", type=int, default=20,
                         help="characters between training windows (run-config text-stride): 4 gives 5x the targets")
@@ -63,10 +67,12 @@ def main() -> None:
                          "max-grad-norm": args.max_grad_norm, "batch-size": args.dp_batch_size or args.batch_size,
                          "learning-rate": args.dp_lr or args.lr})
         started = time.perf_counter()
-        out = simulate(resolve(None, keys))
+        federated = resolve(None, keys)
+        out = _run(federated, dp == "central", Path(args.work) / "data")
         seconds = time.perf_counter() - started
         run = load_run_model(out)
-        x, y, what = held_out_windows(run.run_config, args.held_out)
+        # The federated run's held-out roles, also for `central` (whose own config has one client).
+        x, y, what = held_out_windows(federated, args.held_out)
         rounds = json.loads((out / "metrics.json").read_text())["rounds"]
         privacy = out / "privacy.json"
         epsilon = None
@@ -85,6 +91,15 @@ def main() -> None:
         })
         print(json.dumps(results[-1]), flush=True)
         _write(args, results)  # after each variant: a long DP run that is stopped keeps the finished one
+
+
+def _run(run_config: dict, central: bool, data_root: Path) -> Path:
+    if not central:
+        return simulate(run_config)
+    central_config, nodes = centralized_run(run_config, data_root)
+    cell = Cell("central", {}, central_config, nodes)
+    run_cell(cell)
+    return cell.run_dir
 
 
 def _write(args: argparse.Namespace, results: list[dict]) -> None:

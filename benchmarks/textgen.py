@@ -31,6 +31,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="transformer")
     parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument("--partition", default="natural",
+                        help="natural: the largest (play, role) clients; iid: the whole corpus split evenly")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--local-epochs", type=int, default=1)
     parser.add_argument("--lr", type=float, default=0.003)
@@ -55,13 +57,14 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     results = []
     for dp in args.variants.split(","):
-        keys = {"dataset": "shakespeare", "model": args.model, "partition": "natural", "num-clients": args.clients,
+        keys = {"dataset": "shakespeare", "model": args.model, "partition": args.partition, "num-clients": args.clients,
                 "num-rounds": args.rounds, "local-epochs": args.local_epochs, "optimizer": "adam",
                 "learning-rate": args.lr, "batch-size": args.batch_size, "fraction-evaluate": 0.25,
                 "device": args.device, "strategy": args.strategy, "server-learning-rate": args.server_lr,
                 "server-momentum": args.server_momentum, "text-stride": args.text_stride,
                 "out-dir": str(Path(args.work) / "-".join(
-                    [args.model, *([f"stride{args.text_stride}"] if args.text_stride != 20 else []), dp]))}
+                    [args.model, *([f"stride{args.text_stride}"] if args.text_stride != 20 else []),
+                     *([args.partition] if args.partition != "natural" else []), dp]))}
         if dp == "sample":
             keys.update({"dp": "sample", "target-epsilon": args.epsilon, "delta": 1e-5,
                          "max-grad-norm": args.max_grad_norm, "batch-size": args.dp_batch_size or args.batch_size,
@@ -106,7 +109,7 @@ def _write(args: argparse.Namespace, results: list[dict]) -> None:
     meta = {k: getattr(args, k) for k in ("model", "clients", "rounds", "local_epochs", "lr", "epsilon",
                                           "batch_size", "dp_batch_size", "dp_lr", "max_grad_norm", "strategy",
                                           "server_lr", "server_momentum", "held_out", "threads", "device",
-                                          "text_stride")}
+                                          "text_stride", "partition")}
     meta["load_average"] = os.getloadavg()
     Path(args.out).write_text(json.dumps({"setup": meta, "results": results}, indent=1))
 

@@ -40,14 +40,19 @@ def last_logits(outputs: torch.Tensor) -> torch.Tensor:
     return outputs[:, -1] if outputs.dim() == 3 else outputs
 
 
+def _flat(outputs: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """An every-position output and its targets as (batch * length, classes) and (batch * length,)."""
+    batch, length, classes = outputs.shape
+    return outputs.reshape(batch * length, classes), next_tokens(x, y).reshape(batch * length)
+
+
 def loss(outputs: torch.Tensor, x: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
     """Cross-entropy per example (an every-position output: the mean over its positions), then summed or averaged
     over the batch. A mean over the batch of equal-length means is also the mean over all positions."""
     if outputs.dim() != 3:
         return F.cross_entropy(outputs, y, reduction=reduction)
-    batch, length, classes = outputs.shape
-    total = F.cross_entropy(outputs.reshape(batch * length, classes), next_tokens(x, y).reshape(batch * length),
-                            reduction="sum")
+    batch, length, _ = outputs.shape
+    total = F.cross_entropy(*_flat(outputs, x, y), reduction="sum")
     return total / length if reduction == "sum" else total / (length * batch)
 
 
@@ -57,6 +62,5 @@ def criterion_loss(criterion, outputs: torch.Tensor, x: torch.Tensor, y: torch.T
     wrapper, which takes sequence outputs flattened with their shape and averages each sequence's positions."""
     if outputs.dim() != 3:
         return criterion(outputs, y)
-    batch, length, classes = outputs.shape
-    flat = (outputs.reshape(batch * length, classes), next_tokens(x, y).reshape(batch * length))
+    flat = _flat(outputs, x, y)
     return criterion(*flat, shape=outputs.shape) if ghost else criterion(*flat)

@@ -87,17 +87,22 @@ class TransformerClassifier(nn.Module):
         heads: int = 4,
         layers: int = 2,
         ff_dim: int = 128,
+        causal: bool = False,
     ) -> None:
         super().__init__()
         self.max_len = max_len
         self.token_embedding = nn.Embedding(vocab_size, d_model)
         # Positions as an nn.Embedding (not a bare nn.Parameter) so Opacus has a per-sample grad rule.
         self.position_embedding = nn.Embedding(max_len, d_model)
-        self.layers = nn.Sequential(*(EncoderLayer(d_model, heads, ff_dim) for _ in range(layers)))
+        self.layers = nn.Sequential(*(EncoderLayer(d_model, heads, ff_dim, causal) for _ in range(layers)))
         self.norm = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, num_classes)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(self.norm(self._encode(tokens)).mean(dim=1))
+
+    def _encode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(batch, length, d_model): the encoder layers' output, before the final LayerNorm."""
         batch, length = tokens.shape
         if length > self.max_len:
             raise ModelError(
@@ -107,9 +112,7 @@ class TransformerClassifier(nn.Module):
         # One row of positions per example, so Opacus takes the position table's gradient per example;
         # contiguous because Opacus's ghost-clipping rule for embeddings calls .view on the indices.
         positions = torch.arange(length, device=tokens.device).expand(batch, length).contiguous()
-        x = self.token_embedding(tokens) + self.position_embedding(positions)
-        x = self.norm(self.layers(x))
-        return self.head(x.mean(dim=1))
+        return self.layers(self.token_embedding(tokens) + self.position_embedding(positions))
 
 
 @register_model("transformer", kinds=("sequence",))
@@ -165,9 +168,9 @@ def build_ngram(spec: TaskSpec) -> nn.Module:
     return CharNgram(spec.vocab_size, spec.num_classes)
 
 
-class CausalCharTransformer(nn.Module):
-    """A small GPT-style character model: token + position embeddings, causal (pre-norm) Transformer layers,
-    LayerNorm, and next-character logits at every position.
+class CausalCharTransformer(TransformerClassifier):
+    """A small GPT-style character model: the Transformer above with causal attention, read out at every
+    position instead of pooled: next-character logits at each one.
 
     Why it exists next to `ngram`: the n-gram model learns from one target per window (the character after it),
     so an 80-character window every 20 characters gives it one target per 20 characters of text. Position t of
@@ -181,17 +184,11 @@ class CausalCharTransformer(nn.Module):
 
     def __init__(self, vocab_size: int, max_len: int, num_classes: int, d_model: int = 128, heads: int = 4,
                  layers: int = 2, ff_dim: int = 512) -> None:
-        super().__init__()
         if num_classes != vocab_size:
             raise ModelError(f"a causal language model predicts the next token, so it needs as many classes as "
                              f"tokens; the task has {num_classes} classes and {vocab_size} tokens "
                              "(use a next-character dataset such as shakespeare)")
-        self.max_len = max_len
-        self.token_embedding = nn.Embedding(vocab_size, d_model)
-        self.position_embedding = nn.Embedding(max_len, d_model)  # an nn.Embedding: per-example grad rules exist
-        self.layers = nn.Sequential(*(EncoderLayer(d_model, heads, ff_dim, causal=True) for _ in range(layers)))
-        self.norm = nn.LayerNorm(d_model)
-        self.head = nn.Linear(d_model, num_classes)
+        super().__init__(vocab_size, max_len, num_classes, d_model, heads, layers, ff_dim, causal=True)
 
     def forward_every_position(self, tokens: torch.Tensor) -> torch.Tensor:
         """(batch, length, classes): at position t, the logits of the character after tokens[:, :t + 1]."""
@@ -200,16 +197,6 @@ class CausalCharTransformer(nn.Module):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         # The last position only through the norm and head: the same numbers, 1/length of that work.
         return self.head(self.norm(self._encode(tokens)[:, -1]))
-
-    def _encode(self, tokens: torch.Tensor) -> torch.Tensor:
-        batch, length = tokens.shape
-        if length > self.max_len:
-            raise ModelError(f"sequence length {length} exceeds the model's max length {self.max_len}; "
-                             "feed at most that many characters (fedpriv generate keeps the last ones)")
-        # One row of positions per example (Opacus takes the table's gradient per example), contiguous for
-        # Opacus's ghost rule, which calls .view on the indices.
-        positions = torch.arange(length, device=tokens.device).expand(batch, length).contiguous()
-        return self.layers(self.token_embedding(tokens) + self.position_embedding(positions))
 
 
 @register_model("gpt", kinds=("sequence",), needs="a next-token task (as many classes as tokens)",

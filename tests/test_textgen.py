@@ -113,6 +113,21 @@ def test_ngram_learns_a_line_under_dp_sgd_and_writes_it():
     assert generate(model, line * 3, len(line), 0.0) == line
 
 
+def _bk_norms(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Book-keeping's (logits, per-example gradient norms) for one batch."""
+    keeper = BookKeeper(model)
+    try:
+        _, logits, norms = keeper.clipped_sum(x, y, 1.0)
+    finally:
+        keeper.close()
+    return logits, norms
+
+
+def _grad_sample_norms(gsm: nn.Module, batch: int) -> torch.Tensor:
+    """Per-example gradient norms from an Opacus GradSampleModule after its backward pass."""
+    return torch.cat([p.grad_sample.reshape(batch, -1) for p in gsm.parameters()], 1).norm(dim=1)
+
+
 @pytest.mark.filterwarnings("ignore:Full backward hook is firing:UserWarning")  # data needs no gradient
 def test_ngram_book_keeping_clips_like_opacus():
     """Book-keeping's per-example gradient norms on the n-gram model (the embedding of a sliced window
@@ -126,13 +141,8 @@ def test_ngram_book_keeping_clips_like_opacus():
     gsm._module.load_state_dict(model.state_dict())
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
     nn.functional.cross_entropy(gsm(xt), yt, reduction="sum").backward()
-    want = torch.cat([p.grad_sample.reshape(len(y), -1) for p in gsm.parameters()], 1).norm(dim=1)
-    keeper = BookKeeper(model)
-    try:
-        _, _, got = keeper.clipped_sum(xt, yt, 1.0)
-    finally:
-        keeper.close()
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    want = _grad_sample_norms(gsm, len(y))
+    torch.testing.assert_close(_bk_norms(model, xt, yt)[1], want, rtol=1e-4, atol=1e-6)
 
 
 def _small_gpt(seed: int = 1) -> CausalCharTransformer:
@@ -182,17 +192,12 @@ def test_gpt_example_gradient_is_its_mean_over_positions_in_bk_and_opacus():
     x, y = (torch.from_numpy(a) for a in _cycled_windows("Now is the winter of our discontent\n", 5))
     want = _loop_norms(model, x, y)
     assert not torch.allclose(_loop_norms(model, x, y, last_only=True), want, rtol=1e-2)
-    keeper = BookKeeper(model)
-    try:
-        _, logits, got = keeper.clipped_sum(x, y, 1.0)
-    finally:
-        keeper.close()
+    logits, got = _bk_norms(model, x, y)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
     assert logits.shape == (len(y), SHAKESPEARE_VOCAB_SIZE)
     gsm = GradSampleModule(_small_gpt(), loss_reduction="sum")
     objective.loss(objective.training_outputs(gsm, x), x, y, reduction="sum").backward()
-    opacus_norms = torch.cat([p.grad_sample.reshape(len(y), -1) for p in gsm.parameters()], 1).norm(dim=1)
-    torch.testing.assert_close(opacus_norms, want, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(_grad_sample_norms(gsm, len(y)), want, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.filterwarnings("ignore:Full backward hook is firing:UserWarning")

@@ -34,6 +34,7 @@ from cryptography.hazmat.primitives.serialization import load_ssh_private_key
 from client.trust import TrustedApp, check_bundle, refusal_line
 from common.config import ConfigError, DataConfig
 from common.datasets import DATASETS
+from common.deploy_waits import free_udp_port
 from common.devices import check_device_name, resolve_device
 from common.localfile import load_local_file
 from common.paths import input_file, output_dir
@@ -271,16 +272,17 @@ def preflight(settings: ClientSettings) -> str:
 # than fail). The price: a SuperNode sends 1/poll small requests a second instead of 1/3, each costing the
 # SuperLink too (3.4% of a core per client at 0.2 s), so after IDLE_AFTER s of empty pulls (Flower's 3 s sleep
 # asked for that many times in a row) it pulls every IDLE_POLL s until a message comes. Its waits for a
-# message's objects start at 10 ms instead of 1 s (common/deploy_waits.py). Run with `python -c` so that the
-# SuperNode does not import torch through the client package.
+# message's objects start at 10 ms instead of 1 s, and each stored message wakes the fork executor listening on
+# UDP port argv[2] (0: none; common/deploy_waits.py). Run with `python -c` so that the SuperNode does not import
+# torch through the client package.
 POLLING_SUPERNODE = """
 import sys, time
 import flwr.supernode.start_client_internal as loop
 from flwr.supernode.cli import flower_supernode
 
-from common.deploy_waits import shorten_object_waits, supernode_wait
+from common.deploy_waits import shorten_object_waits, supernode_wait, wake_on_message
 
-cap = float(sys.argv[1])
+cap, wake_port = float(sys.argv[1]), int(sys.argv[2])
 
 
 class CappedTime:
@@ -297,16 +299,27 @@ class CappedTime:
 
 loop.time = CappedTime()
 shorten_object_waits()
-sys.argv = ["flower-supernode", *sys.argv[2:]]
+if wake_port:
+    wake_on_message(wake_port)
+sys.argv = ["flower-supernode", *sys.argv[3:]]
 flower_supernode()
 """
 
 
-def supernode_command(settings: ClientSettings, port: int, node_config: Path) -> list[str]:
+def wake_port_for(settings: ClientSettings) -> int | None:
+    """The UDP port on which the fork executor hears of each stored message: only where both ends are fedpriv's
+    (the fork executor, and the SuperNode with shortened waits; Flower's own 3 s SuperNode sends nothing)."""
+    if settings.executor != "fork" or settings.poll_interval == FLOWER_POLL:
+        return None
+    return free_udp_port()
+
+
+def supernode_command(settings: ClientSettings, port: int, node_config: Path,
+                      wake_port: int | None = None) -> list[str]:
     if settings.poll_interval == FLOWER_POLL:
         cmd = [flower_bin("flower-supernode")]
     else:  # the same SuperNode, through a few lines that shorten its waits
-        cmd = [sys.executable, "-c", POLLING_SUPERNODE, str(settings.poll_interval)]
+        cmd = [sys.executable, "-c", POLLING_SUPERNODE, str(settings.poll_interval), str(wake_port or 0)]
     cmd += ["--superlink", settings.superlink, "--node-config", str(node_config), "--port", str(port),
             # Give up on a lost SuperLink after RECONNECT_WAIT s instead of retrying forever: a restarted
             # server does not know this node's session anyway, and a fresh SuperNode (run_supernode starts
@@ -371,10 +384,10 @@ def _read_new(path: Path, offset: int) -> tuple[list[str], int]:
 
 
 def _run_once(settings: ClientSettings, node_config: Path, port: int, env: dict[str, str],
-              echo: bool) -> tuple[int, bool]:
+              echo: bool, wake_port: int | None) -> tuple[int, bool]:
     """One SuperNode until it exits or loses its SuperLink for good.
     Returns (exit code, whether the SuperLink refused this client's key)."""
-    proc = start_group(supernode_command(settings, port, node_config), env, pipe=True)
+    proc = start_group(supernode_command(settings, port, node_config, wake_port), env, pipe=True)
     (settings.state_dir / "supernode.pid").write_text(str(proc.pid))
     lines: queue.Queue = queue.Queue()
     # A reader thread, because Flower's own children inherit the pipe: EOF comes only when all of them are
@@ -433,25 +446,26 @@ def run_supernode(settings: ClientSettings, echo: bool = True, restart: bool = T
     port = settings.port or free_port()
     env = flower_env(settings.state_dir / "flwr-home", settings.threads)
     executor = None
+    wake_port = wake_port_for(settings)  # the same for every SuperNode this client starts
     if settings.executor == "fork":
-        cmd = [sys.executable, "-m", "client.deploy", "fork-executor", f"127.0.0.1:{port}"]
+        cmd = [sys.executable, "-m", "client.deploy", "fork-executor", f"127.0.0.1:{port}", str(wake_port or 0)]
         executor = start_group(cmd, env,
                                log=settings.state_dir / EXECUTOR_LOG)
         (settings.state_dir / "executor.pid").write_text(str(executor.pid))
     try:
-        return _keep_supernode(settings, node_config, port, env, echo, restart)
+        return _keep_supernode(settings, node_config, port, env, echo, restart, wake_port)
     finally:
         if executor is not None:
             stop_group(executor, grace=1.0)
 
 
 def _keep_supernode(settings: ClientSettings, node_config: Path, port: int, env: dict[str, str], echo: bool,
-                    restart: bool) -> int:
+                    restart: bool, wake_port: int | None = None) -> int:
     refused_since: float | None = None
     pause = 2.0
     while True:
         started = time.monotonic()
-        code, refused = _run_once(settings, node_config, port, env, echo)
+        code, refused = _run_once(settings, node_config, port, env, echo, wake_port)
         if refused:
             refused_since = refused_since if refused_since is not None else started
             left = settings.retry_refused - (time.monotonic() - refused_since)
@@ -487,11 +501,14 @@ def warm_optimizer() -> None:
     torch.optim.SGD([weight], lr=0.1, momentum=0.9).step()
 
 
-def serve_forked_tasks(runtime_api_address: str) -> None:
+def serve_forked_tasks(runtime_api_address: str, wake_port: int = 0) -> None:
     """The fork executor: what flower-superexec does for a SuperNode with `--isolation process`, except that
     each task runs in a child forked from this process, which has imported torch, Flower, Opacus and the
     ClientApp once (and taken one optimizer step), instead of in a fresh interpreter that
     imports them all again for every message.
+
+    With `wake_port`, it asks for a task when its SuperNode says a message is stored (a datagram on that
+    loopback port) and otherwise every WAKE_FALLBACK s; without, every 50 ms while busy (executor_wait).
 
     Built on Flower's own pieces for this (the Runtime API client, AcquireTask, run_clientapp), which are
     internal to Flower 1.41 (pinned). The children run this machine's installed fedpriv ClientApp, so
@@ -506,7 +523,7 @@ def serve_forked_tasks(runtime_api_address: str) -> None:
 
     import client.app  # noqa: F401  (imported for its side effect: everything a task needs, once)
     import client.dpsgd  # noqa: F401  (Opacus: client.app imports it lazily, at a DP round; every child inherits it)
-    from common.deploy_waits import executor_wait, shorten_object_waits
+    from common.deploy_waits import WAKE_FALLBACK, WakeListener, executor_wait, shorten_object_waits
 
     trusted = TrustedApp.installed()  # hashed once, from the code this process has imported
     shorten_object_waits()  # every forked task inherits it
@@ -516,6 +533,12 @@ def serve_forked_tasks(runtime_api_address: str) -> None:
         server_address=runtime_api_address, insecure=True, root_certificates=None,
         interceptors=[RuntimeVersionHttpInterceptor(component_name="SuperExec")],
         retry_invoker=make_simple_http_retry_invoker())
+    wake = None
+    if wake_port:
+        try:
+            wake = WakeListener(wake_port)
+        except OSError as exc:  # taken since the client chose it: polling still finds every task
+            print(f"wake-ups off (UDP port {wake_port}: {exc}); asking for tasks every 50 ms", flush=True)
     parent = os.getpid()
     children: set[int] = set()
     last_active = time.monotonic()
@@ -560,7 +583,11 @@ def serve_forked_tasks(runtime_api_address: str) -> None:
                     children.discard(pid)
         if children:  # a task still running: its run is busy with this client
             last_active = time.monotonic()
-        time.sleep(executor_wait(time.monotonic() - last_active))
+        if wake is not None:
+            # No ask while a task runs: the SuperNode takes the next message only after this one's reply.
+            wake.wait(WAKE_FALLBACK)
+        else:
+            time.sleep(executor_wait(time.monotonic() - last_active))
 
 
 def trust_only(trusted: TrustedApp) -> dict[str, float]:
@@ -687,7 +714,7 @@ def run_client(args: argparse.Namespace) -> int:
 
 if __name__ == "__main__":
     # Started by `fedpriv client` (the trusted executor), not by hand.
-    if len(sys.argv) == 3 and sys.argv[1] == "fork-executor":
-        serve_forked_tasks(sys.argv[2])
+    if len(sys.argv) in (3, 4) and sys.argv[1] == "fork-executor":
+        serve_forked_tasks(sys.argv[2], int(sys.argv[3]) if len(sys.argv) == 4 else 0)
     else:
-        sys.exit("usage: python -m client.deploy fork-executor RUNTIME_API_ADDRESS")
+        sys.exit("usage: python -m client.deploy fork-executor RUNTIME_API_ADDRESS [WAKE_PORT]")

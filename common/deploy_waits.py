@@ -11,15 +11,24 @@ sat out a whole second this way (`benchmarks/RESULTS.md`, "Deployment rounds"). 
 10 ms and capped at 1 s (30 ms for a task's pulls from its own SuperNode, which answers on loopback at once);
 a pull still gives up only after Flower's PULL_MAX_TIME.
 
-Polls. Flower's SuperNode pulls every 3 s; fedpriv's caps that at `--poll-interval` (0.2 s) and its executor
-asks its SuperNode for a task every 50 ms. Measured idle, at those rates one client cost 9% of a core (and the
-SuperLink 3.4% more): ten clients on one machine burned most of a core waiting. So both slow down once idle.
+Polls. Flower's SuperNode pulls every 3 s; fedpriv's caps that at `--poll-interval` (0.2 s). Measured idle,
+one client cost 9% of a core (and the SuperLink 3.4% more): ten clients on one machine burned most of a core
+waiting. So the SuperNode slows down once idle.
+
+Wake-ups. The executor asked its SuperNode for a task every 50 ms while busy: 20 requests a second through the
+SuperNode's HTTP stack, which on a 2-core host took 5-8% of a core per client from the training and the
+server's test pass running beside them (benchmarks/RESULTS.md, "A wake-up instead of the executor's polls").
+The SuperNode now says when it has stored a message: one UDP datagram on loopback to its executor, which asks
+for the task at once and otherwise only every WAKE_FALLBACK s (what a lost datagram costs).
 
 This module imports no torch (nor anything of fedpriv's): the SuperNode process imports it too.
 """
 
 from __future__ import annotations
 
+import contextlib
+import select
+import socket
 from functools import partial
 
 FIRST_WAIT = 0.01  # seconds before the first retry (Flower: 1 s)
@@ -69,3 +78,66 @@ def supernode_wait(asked: float, cap: float, empty_pulls: int) -> float:
         return min(asked, SUPERNODE_LOCAL_POLL)
     idle = empty_pulls * cap >= IDLE_AFTER
     return min(asked, max(cap, SUPERNODE_IDLE_POLL) if idle else cap)
+
+
+WAKE_FALLBACK = 1.0  # seconds between the executor's asks when no wake-up comes (a lost datagram, an idle client)
+WAKE = b"message"
+
+
+def free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wake_executor(port: int) -> None:
+    """In the SuperNode: tell the executor on this host that a message is stored. Never raises: a datagram
+    lost or unheard costs the executor's fallback wait, not the message."""
+    with contextlib.suppress(OSError), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.sendto(WAKE, ("127.0.0.1", port))
+
+
+def wake_on_message(port: int) -> None:
+    """In the SuperNode (Flower 1.41, pinned): after each pull that stored a message (its objects included),
+    wake the executor. `_pull_and_store_message` is a module global its loop calls by name; should a later
+    Flower rename it, this raises rather than leave the executor waiting a second per message."""
+    import flwr.supernode.start_client_internal as node
+
+    pull = node._pull_and_store_message  # noqa: SLF001 - the one hook there is
+    if getattr(pull, "wakes", None) == port:
+        return
+
+    def pull_and_wake(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202 - Flower's signature, passed through
+        run_id = pull(*args, **kwargs)
+        if run_id is not None:
+            wake_executor(port)
+        return run_id
+
+    pull_and_wake.wakes = port  # type: ignore[attr-defined]
+    node._pull_and_store_message = pull_and_wake  # noqa: SLF001
+
+
+class WakeListener:
+    """The executor's end: a UDP socket on loopback that the SuperNode's wake-ups reach."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            self.sock.bind(("127.0.0.1", port))
+        except OSError:
+            self.sock.close()
+            raise
+        self.sock.setblocking(False)
+
+    def wait(self, seconds: float) -> bool:
+        """Block until a wake-up or `seconds`; True if woken. Every datagram already queued is taken, so one
+        message wakes the executor once however many times it was announced."""
+        ready, _, _ = select.select([self.sock], [], [], seconds)
+        woken = bool(ready)
+        with contextlib.suppress(BlockingIOError):
+            while self.sock.recv(64):
+                woken = True
+        return woken
+
+    def close(self) -> None:
+        self.sock.close()

@@ -1,10 +1,12 @@
 """What a deployed round no longer pays: Flower's 1 s first wait for an object still on its way (common/deploy_waits.py,
-server/rounds.py), torch's compiler imports in every forked task, and torch in the client's supervising process."""
+server/rounds.py), torch's compiler imports in every forked task, torch in the client's supervising process, and the
+executor's 50 ms asks for a task (a wake-up from the SuperNode instead)."""
 
 from __future__ import annotations
 
 import time
 
+import pytest
 from flwr.supercore.inflatable.inflatable_utils import ObjectUnavailableError, pull_objects
 
 from common.deploy_waits import quick_retries, shorten_object_waits
@@ -131,3 +133,53 @@ def test_only_a_deployments_grid_is_packed() -> None:
              "print('flwr.superlink.grid.http_grid' in sys.modules)")
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert done.stdout.strip() == "False", done.stderr[-2000:]
+
+
+def test_a_stored_message_wakes_the_executor_and_an_empty_pull_does_not() -> None:
+    import flwr.supernode.start_client_internal as node
+
+    from common.deploy_waits import WakeListener, free_udp_port, wake_on_message
+
+    results = iter([None, 7])
+    saved = node._pull_and_store_message
+    node._pull_and_store_message = lambda **kwargs: next(results)
+    port = free_udp_port()
+    listener = WakeListener(port)
+    try:
+        wake_on_message(port)
+        wake_on_message(port)  # a restarted SuperNode's wrapper: not wrapped twice
+        assert node._pull_and_store_message.wakes == port
+        assert node._pull_and_store_message(state=None) is None  # an empty pull: no wake-up
+        assert not listener.wait(0.1)
+        started = time.monotonic()
+        assert node._pull_and_store_message(state=None) == 7
+        assert listener.wait(5.0) and time.monotonic() - started < 1.0
+        assert not listener.wait(0.05)  # taken once
+    finally:
+        node._pull_and_store_message = saved
+        listener.close()
+
+
+def test_wake_ups_only_where_both_ends_are_fedpriv_s(tmp_path) -> None:  # noqa: ANN001
+    """The fork executor with fedpriv's SuperNode hears of each message; Flower's own 3 s SuperNode (no wrapper
+    to send) and Flower's executor (nobody listening) leave the executor to its 50 ms polls."""
+    from dataclasses import replace
+    from pathlib import Path
+
+    from client.deploy import FLOWER_POLL, ClientSettings, supernode_command, wake_port_for
+    from common.deploy_waits import WakeListener
+
+    settings = ClientSettings(superlink="127.0.0.1:9092", data=Path("x.npz"), state_dir=tmp_path, client_id="c",
+                              root_cert=None, key=None, insecure=True, budget_epsilon=None, budget_delta=None,
+                              dataset=None, port=None, device="cpu")
+    port = wake_port_for(settings)
+    assert port and supernode_command(settings, 9100, tmp_path / "n.toml", port)[3:5] == ["0.2", str(port)]
+    assert wake_port_for(replace(settings, poll_interval=FLOWER_POLL)) is None
+    assert wake_port_for(replace(settings, executor="flower")) is None
+    assert supernode_command(settings, 9100, tmp_path / "n.toml")[4] == "0"
+    taken = WakeListener(port)
+    try:
+        with pytest.raises(OSError):
+            WakeListener(port)  # the executor then says "wake-ups off" and polls
+    finally:
+        taken.close()

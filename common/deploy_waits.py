@@ -21,6 +21,14 @@ server's test pass running beside them (benchmarks/RESULTS.md, "A wake-up instea
 The SuperNode now says when it has stored a message: one UDP datagram on loopback to its executor, which asks
 for the task at once and otherwise only every WAKE_FALLBACK s (what a lost datagram costs).
 
+Held pulls. A SuperNode's pull that finds no message used to come back at once, and the SuperNode asked again
+`--poll-interval` (0.2 s) later: a message waited 0.1 s on average before its node heard of it, twice a round,
+and every node sent 5 TLS requests a second, each signed by the node and checked by the SuperLink. fedpriv's
+SuperLink now holds an empty pull up to PULL_HOLD s and answers as soon as a message for that node is stored
+(long polling, Flower's own handler asked again every HOLD_RECHECK s inside the SuperLink's process). At most
+MAX_HELD_PULLS are held at once, so the Fleet API's worker threads (40) always have room for pushes and objects;
+a pull beyond that is answered at once, as before. Flower's SuperNode times a pull out after 30 s.
+
 This module imports no torch (nor anything of fedpriv's): the SuperNode process imports it too.
 """
 
@@ -29,6 +37,8 @@ from __future__ import annotations
 import contextlib
 import select
 import socket
+import threading
+import time
 from functools import partial
 
 FIRST_WAIT = 0.01  # seconds before the first retry (Flower: 1 s)
@@ -141,3 +151,36 @@ class WakeListener:
 
     def close(self) -> None:
         self.sock.close()
+
+
+PULL_HOLD = 1.0  # seconds a SuperNode's empty pull is held at the SuperLink
+MAX_HELD_PULLS = 16
+HOLD_RECHECK = 0.02
+
+
+def hold_empty_pulls(hold: float = PULL_HOLD, max_held: int = MAX_HELD_PULLS, recheck: float = HOLD_RECHECK) -> None:
+    """In the SuperLink (Flower 1.41, pinned): the Fleet API's pull-messages handler, held while empty. The
+    router calls `fleet_handlers.pull_messages` by attribute, so patching the module's function reaches it;
+    should a later Flower move it, this raises rather than leave the SuperNodes on 0.2 s polls unknowingly."""
+    import flwr.superlink.servicer.fleet.fleet_handlers as fleet
+
+    pull = fleet.pull_messages
+    if getattr(pull, "holds", False):
+        return
+    slots = threading.BoundedSemaphore(max_held)
+
+    def held_pull(request, state, store):  # noqa: ANN001, ANN202 - Flower's handler signature, passed through
+        response = pull(request=request, state=state, store=store)
+        if response.messages_list or not slots.acquire(blocking=False):
+            return response
+        try:
+            deadline = time.monotonic() + hold
+            while not response.messages_list and time.monotonic() < deadline:
+                time.sleep(recheck)
+                response = pull(request=request, state=state, store=store)
+            return response
+        finally:
+            slots.release()
+
+    held_pull.holds = True  # type: ignore[attr-defined]
+    fleet.pull_messages = held_pull

@@ -222,8 +222,24 @@ def loud_insecure_warning() -> None:
           f"--certs.\n{bar}", file=sys.stderr, flush=True)
 
 
+# flower-superlink whose Fleet API holds a SuperNode's empty pull until a message for it is stored (up to 1 s;
+# common/deploy_waits.py), instead of answering at once and being asked again 0.2 s later. Run with `python -c`
+# so that the SuperLink does not import torch through fedpriv's packages.
+HOLDING_SUPERLINK = """
+import sys
+from flwr.superlink.cli import flower_superlink
+
+from common.deploy_waits import hold_empty_pulls
+
+hold_empty_pulls()
+sys.argv = ["flower-superlink", *sys.argv[1:]]
+sys.exit(flower_superlink())
+"""
+
+
 def start_superlink(settings: ServerSettings, env: Mapping[str, str]) -> subprocess.Popen:
-    cmd = [flower_bin("flower-superlink"), "--host", settings.host, "--port", str(settings.port),
+    flower_bin("flower-superlink")  # installed: the same one-line error as before when it is not
+    cmd = [sys.executable, "-c", HOLDING_SUPERLINK, "--host", settings.host, "--port", str(settings.port),
            "--disable-runtime-dependency-installation"]
     if settings.certs is None:
         cmd.append("--insecure")

@@ -183,3 +183,50 @@ def test_wake_ups_only_where_both_ends_are_fedpriv_s(tmp_path) -> None:  # noqa:
             WakeListener(port)  # the executor then says "wake-ups off" and polls
     finally:
         taken.close()
+
+
+def test_the_superlink_holds_an_empty_pull_until_a_message_is_stored() -> None:
+    """Long polling at the SuperLink: a pull is answered as soon as a message is there, an empty one after the
+    hold, and past `max_held` concurrent holds at once (the Fleet API's worker threads stay free)."""
+    import threading
+    from types import SimpleNamespace
+
+    import flwr.superlink.servicer.fleet.fleet_handlers as fleet
+
+    from common.deploy_waits import hold_empty_pulls
+
+    stored_at = [float("inf")]  # when the "message" arrives in the link state
+    calls = [0]
+
+    def fake_pull(request, state, store):  # noqa: ANN001, ANN202
+        calls[0] += 1
+        return SimpleNamespace(messages_list=["message"] if time.monotonic() >= stored_at[0] else [])
+
+    saved = fleet.pull_messages
+    fleet.pull_messages = fake_pull
+    try:
+        hold_empty_pulls(hold=0.5, max_held=1, recheck=0.01)
+        hold_empty_pulls(hold=9.0)  # not wrapped twice
+        pull = fleet.pull_messages
+        assert pull.holds
+
+        started = time.monotonic()
+        assert pull(request=None, state=None, store=None).messages_list == []
+        assert 0.45 < time.monotonic() - started < 1.5  # held for the hold, then empty
+
+        stored_at[0] = time.monotonic() + 0.15
+        started = time.monotonic()
+        assert pull(request=None, state=None, store=None).messages_list == ["message"]
+        assert 0.1 < time.monotonic() - started < 0.4  # answered once stored, not after the hold
+
+        stored_at[0] = float("inf")
+        holder = threading.Thread(target=pull, kwargs={"request": None, "state": None, "store": None})
+        holder.start()
+        time.sleep(0.1)
+        started, before = time.monotonic(), calls[0]
+        assert pull(request=None, state=None, store=None).messages_list == []
+        assert time.monotonic() - started < 0.1  # the one slot is taken: answered at once, as Flower does
+        holder.join()
+        assert calls[0] > before + 5  # the held pull asked the state again meanwhile
+    finally:
+        fleet.pull_messages = saved

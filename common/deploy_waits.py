@@ -153,34 +153,47 @@ class WakeListener:
         self.sock.close()
 
 
-PULL_HOLD = 1.0  # seconds a SuperNode's empty pull is held at the SuperLink
+PULL_HOLD = 1.0  # seconds an empty pull is held at the SuperLink
 MAX_HELD_PULLS = 16
 HOLD_RECHECK = 0.02
 
 
-def hold_empty_pulls(hold: float = PULL_HOLD, max_held: int = MAX_HELD_PULLS, recheck: float = HOLD_RECHECK) -> None:
-    """In the SuperLink (Flower 1.41, pinned): the Fleet API's pull-messages handler, held while empty. The
-    router calls `fleet_handlers.pull_messages` by attribute, so patching the module's function reaches it;
-    should a later Flower move it, this raises rather than leave the SuperNodes on 0.2 s polls unknowingly."""
-    import flwr.superlink.servicer.fleet.fleet_handlers as fleet
-
-    pull = fleet.pull_messages
-    if getattr(pull, "holds", False):
-        return
+def _held(pull, hold: float, max_held: int, recheck: float, empty, wanted):  # noqa: ANN001, ANN202 - Flower's handlers, passed through
+    """`pull` that asks again every `recheck` s, up to `hold` s, while its response is `empty` (and the request
+    `wanted` anything): at most `max_held` calls wait at once, the rest answer at once, as before."""
     slots = threading.BoundedSemaphore(max_held)
 
-    def held_pull(request, state, store):  # noqa: ANN001, ANN202 - Flower's handler signature, passed through
-        response = pull(request=request, state=state, store=store)
-        if response.messages_list or not slots.acquire(blocking=False):
+    def held_pull(request, *args, **kwargs):  # noqa: ANN001, ANN202
+        response = pull(request, *args, **kwargs)
+        if not (empty(response) and wanted(request)) or not slots.acquire(blocking=False):
             return response
         try:
             deadline = time.monotonic() + hold
-            while not response.messages_list and time.monotonic() < deadline:
+            while empty(response) and time.monotonic() < deadline:
                 time.sleep(recheck)
-                response = pull(request=request, state=state, store=store)
+                response = pull(request, *args, **kwargs)
             return response
         finally:
             slots.release()
 
     held_pull.holds = True  # type: ignore[attr-defined]
-    fleet.pull_messages = held_pull
+    return held_pull
+
+
+def hold_empty_pulls(hold: float = PULL_HOLD, max_held: int = MAX_HELD_PULLS, recheck: float = HOLD_RECHECK) -> None:
+    """In the SuperLink (Flower 1.41, pinned): the Fleet API's pull-messages handler (a SuperNode asking for
+    its next message) and the runtime API's (the ServerApp asking for replies), each held while empty. Both
+    routers call the handlers' module by attribute, so patching the module's function reaches them; should a
+    later Flower move them, this raises rather than leave the deployment on short polls unknowingly."""
+    import flwr.superlink.servicer.fleet.fleet_handlers as fleet
+    import flwr.superlink.servicer.runtime.runtime_handlers as runtime
+
+    def no_messages(response) -> bool:  # noqa: ANN001
+        return not response.messages_list
+
+    if not getattr(fleet.pull_messages, "holds", False):
+        fleet.pull_messages = _held(fleet.pull_messages, hold, max_held, recheck, no_messages, lambda _: True)
+    if not getattr(runtime.pull_messages, "holds", False):
+        # Only a pull that names replies it waits for: an agent app's pull for instructions names none.
+        runtime.pull_messages = _held(runtime.pull_messages, hold, max_held, recheck, no_messages,
+                                      lambda request: len(request.message_ids) > 0)

@@ -5,6 +5,7 @@ executor's 50 ms asks for a task (a wake-up from the SuperNode instead)."""
 from __future__ import annotations
 
 import time
+from functools import partial
 
 import pytest
 from flwr.supercore.inflatable.inflatable_utils import ObjectUnavailableError, pull_objects
@@ -185,13 +186,16 @@ def test_wake_ups_only_where_both_ends_are_fedpriv_s(tmp_path) -> None:  # noqa:
         taken.close()
 
 
-def test_the_superlink_holds_an_empty_pull_until_a_message_is_stored() -> None:
-    """Long polling at the SuperLink: a pull is answered as soon as a message is there, an empty one after the
-    hold, and past `max_held` concurrent holds at once (the Fleet API's worker threads stay free)."""
+@pytest.mark.parametrize("api", ["fleet", "runtime"])
+def test_the_superlink_holds_an_empty_pull_until_a_message_is_stored(api: str) -> None:
+    """Long polling at the SuperLink, for a SuperNode's pulls (Fleet API) and the ServerApp's pulls for replies
+    (runtime API): a pull is answered as soon as a message is there, an empty one after the hold, and past
+    `max_held` concurrent holds at once (the worker threads stay free)."""
     import threading
     from types import SimpleNamespace
 
     import flwr.superlink.servicer.fleet.fleet_handlers as fleet
+    import flwr.superlink.servicer.runtime.runtime_handlers as runtime
 
     from common.deploy_waits import hold_empty_pulls
 
@@ -202,31 +206,68 @@ def test_the_superlink_holds_an_empty_pull_until_a_message_is_stored() -> None:
         calls[0] += 1
         return SimpleNamespace(messages_list=["message"] if time.monotonic() >= stored_at[0] else [])
 
-    saved = fleet.pull_messages
-    fleet.pull_messages = fake_pull
+    handlers = fleet if api == "fleet" else runtime
+    request = SimpleNamespace(message_ids=["m1"])  # the replies a ServerApp waits for; a SuperNode names none
+    saved = fleet.pull_messages, runtime.pull_messages
+    fleet.pull_messages = runtime.pull_messages = fake_pull
     try:
         hold_empty_pulls(hold=0.5, max_held=1, recheck=0.01)
         hold_empty_pulls(hold=9.0)  # not wrapped twice
-        pull = fleet.pull_messages
-        assert pull.holds
+        pull = partial(handlers.pull_messages, request=request, state=None, store=None)
+        assert handlers.pull_messages.holds
 
         started = time.monotonic()
-        assert pull(request=None, state=None, store=None).messages_list == []
+        assert pull().messages_list == []
         assert 0.45 < time.monotonic() - started < 1.5  # held for the hold, then empty
 
         stored_at[0] = time.monotonic() + 0.15
         started = time.monotonic()
-        assert pull(request=None, state=None, store=None).messages_list == ["message"]
+        assert pull().messages_list == ["message"]
         assert 0.1 < time.monotonic() - started < 0.4  # answered once stored, not after the hold
 
         stored_at[0] = float("inf")
-        holder = threading.Thread(target=pull, kwargs={"request": None, "state": None, "store": None})
+        holder = threading.Thread(target=pull)
         holder.start()
         time.sleep(0.1)
         started, before = time.monotonic(), calls[0]
-        assert pull(request=None, state=None, store=None).messages_list == []
+        assert pull().messages_list == []
         assert time.monotonic() - started < 0.1  # the one slot is taken: answered at once, as Flower does
         holder.join()
         assert calls[0] > before + 5  # the held pull asked the state again meanwhile
+
+        if api == "runtime":  # an agent app's pull for instructions names no replies: answered at once
+            started = time.monotonic()
+            assert handlers.pull_messages(SimpleNamespace(message_ids=[]), None, None).messages_list == []
+            assert time.monotonic() - started < 0.1
     finally:
-        fleet.pull_messages = saved
+        fleet.pull_messages, runtime.pull_messages = saved
+
+
+class _HeldGrid:
+    """A SuperLink that holds pulls: each pull waits `hold` s and brings the next reply in push order."""
+
+    def __init__(self, hold: float) -> None:
+        self.hold, self.pulls, self.pending = hold, 0, []
+
+    def push_messages(self, messages):  # noqa: ANN001, ANN201
+        self.pending = [f"m{i}" for i, _ in enumerate(messages)]
+        return list(self.pending)
+
+    def pull_messages(self, message_ids):  # noqa: ANN001, ANN201
+        from types import SimpleNamespace
+
+        self.pulls += 1
+        time.sleep(self.hold)
+        return [SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id=message_ids[0]))]
+
+
+def test_the_server_pulls_again_at_once_after_a_held_or_fruitful_pull() -> None:
+    """The round loop sleeps its poll only after an empty pull that came back at once: replies trickling in
+    one a pull through a holding SuperLink cost the holds, not a poll each."""
+    from server.rounds import exchange
+
+    grid = _HeldGrid(hold=0.05)
+    started = time.monotonic()
+    replies = exchange(grid, [1, 2, 3, 4], timeout=10.0, poll_seconds=1.0)
+    assert [r.metadata.reply_to_message_id for r in replies] == ["m0", "m1", "m2", "m3"] and grid.pulls == 4
+    assert time.monotonic() - started < 0.9  # four holds (0.2 s), no 1 s poll between them

@@ -27,7 +27,9 @@ and every node sent 5 TLS requests a second, each signed by the node and checked
 SuperLink now holds an empty pull up to PULL_HOLD s and answers as soon as a message for that node is stored
 (long polling, Flower's own handler asked again every HOLD_RECHECK s inside the SuperLink's process). At most
 MAX_HELD_PULLS are held at once, so the Fleet API's worker threads (40) always have room for pushes and objects;
-a pull beyond that is answered at once, as before. Flower's SuperNode times a pull out after 30 s.
+a pull beyond that is answered at once, as before. Flower's SuperNode times a pull out after 30 s. The
+ServerApp's pulls for its messages' replies (the runtime API) are held alike, and its round loop
+(server/rounds.py) then pulls again at once instead of sleeping its own 0.2 s poll.
 
 This module imports no torch (nor anything of fedpriv's): the SuperNode process imports it too.
 """

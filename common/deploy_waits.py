@@ -25,7 +25,8 @@ Held pulls. A SuperNode's pull that finds no message used to come back at once, 
 `--poll-interval` (0.2 s) later: a message waited 0.1 s on average before its node heard of it, twice a round,
 and every node sent 5 TLS requests a second, each signed by the node and checked by the SuperLink. fedpriv's
 SuperLink now holds an empty pull up to PULL_HOLD s and answers as soon as a message for that node is stored
-(long polling, Flower's own handler asked again every HOLD_RECHECK s inside the SuperLink's process). At most
+(long polling: Flower's own handler asked again, inside the SuperLink's process, each time its link state
+stores a message, and at least every HOLD_RECHECK s). At most
 MAX_HELD_PULLS are held at once, so the Fleet API's worker threads (40) always have room for pushes and objects;
 a pull beyond that is answered at once, as before. Flower's SuperNode times a pull out after 30 s. The
 ServerApp's pulls for its messages' replies (the runtime API) are held alike, and its round loop
@@ -157,22 +158,45 @@ class WakeListener:
 
 PULL_HOLD = 1.0  # seconds an empty pull is held at the SuperLink
 MAX_HELD_PULLS = 16
-HOLD_RECHECK = 0.02
+HOLD_RECHECK = 0.25  # a held pull asks again this often even without a store (a store path not signalled)
 
 
-def _held(pull, hold: float, max_held: int, recheck: float, empty, wanted):  # noqa: ANN001, ANN202 - Flower's handlers, passed through
-    """`pull` that asks again every `recheck` s, up to `hold` s, while its response is `empty` (and the request
-    `wanted` anything): at most `max_held` calls wait at once, the rest answer at once, as before."""
+class Stores:
+    """Counts the messages stored in the SuperLink's state; a held pull sleeps until the count moves."""
+
+    def __init__(self) -> None:
+        self._count = 0
+        self._moved = threading.Condition()
+
+    def count(self) -> int:
+        return self._count
+
+    def stored(self) -> None:
+        with self._moved:
+            self._count += 1
+            self._moved.notify_all()
+
+    def wait_past(self, seen: int, timeout: float) -> None:
+        with self._moved:
+            self._moved.wait_for(lambda: self._count != seen, timeout=max(0.0, timeout))
+
+
+def _held(pull, hold: float, max_held: int, recheck: float, empty, wanted, stores: Stores):  # noqa: ANN001, ANN202 - Flower's handlers, passed through
+    """`pull` that asks again whenever a message is stored (or every `recheck` s), up to `hold` s, while its
+    response is `empty` (and the request `wanted` anything): at most `max_held` calls wait at once, the rest
+    answer at once, as before."""
     slots = threading.BoundedSemaphore(max_held)
 
     def held_pull(request, *args, **kwargs):  # noqa: ANN001, ANN202
+        seen = stores.count()  # before the pull: a store while it runs is not missed
         response = pull(request, *args, **kwargs)
         if not (empty(response) and wanted(request)) or not slots.acquire(blocking=False):
             return response
         try:
             deadline = time.monotonic() + hold
             while empty(response) and time.monotonic() < deadline:
-                time.sleep(recheck)
+                stores.wait_past(seen, min(recheck, deadline - time.monotonic()))
+                seen = stores.count()
                 response = pull(request, *args, **kwargs)
             return response
         finally:
@@ -182,20 +206,39 @@ def _held(pull, hold: float, max_held: int, recheck: float, empty, wanted):  # n
     return held_pull
 
 
+def _signalling(store, stores: Stores):  # noqa: ANN001, ANN202 - a LinkState's store_message_ins/res
+    def signalled(self, message):  # noqa: ANN001, ANN202
+        try:
+            return store(self, message)
+        finally:
+            stores.stored()
+
+    signalled.signals = True  # type: ignore[attr-defined]
+    return signalled
+
+
 def hold_empty_pulls(hold: float = PULL_HOLD, max_held: int = MAX_HELD_PULLS, recheck: float = HOLD_RECHECK) -> None:
     """In the SuperLink (Flower 1.41, pinned): the Fleet API's pull-messages handler (a SuperNode asking for
-    its next message) and the runtime API's (the ServerApp asking for replies), each held while empty. Both
-    routers call the handlers' module by attribute, so patching the module's function reaches them; should a
-    later Flower move them, this raises rather than leave the deployment on short polls unknowingly."""
+    its next message) and the runtime API's (the ServerApp asking for replies), each held while empty and
+    asked again when the link state stores a message. Both routers call the handlers' module by attribute, so
+    patching the module's function reaches them; should a later Flower move them, this raises rather than
+    leave the deployment on short polls unknowingly."""
+    import flwr.server.superlink.linkstate.in_memory_linkstate as in_memory
+    import flwr.server.superlink.linkstate.sql_linkstate as sql
     import flwr.superlink.servicer.fleet.fleet_handlers as fleet
     import flwr.superlink.servicer.runtime.runtime_handlers as runtime
+
+    if getattr(fleet.pull_messages, "holds", False):
+        return
+    stores = Stores()
+    for state in (in_memory.InMemoryLinkState, sql.SqlLinkState):
+        for name in ("store_message_ins", "store_message_res"):
+            setattr(state, name, _signalling(getattr(state, name), stores))
 
     def no_messages(response) -> bool:  # noqa: ANN001
         return not response.messages_list
 
-    if not getattr(fleet.pull_messages, "holds", False):
-        fleet.pull_messages = _held(fleet.pull_messages, hold, max_held, recheck, no_messages, lambda _: True)
-    if not getattr(runtime.pull_messages, "holds", False):
-        # Only a pull that names replies it waits for: an agent app's pull for instructions names none.
-        runtime.pull_messages = _held(runtime.pull_messages, hold, max_held, recheck, no_messages,
-                                      lambda request: len(request.message_ids) > 0)
+    fleet.pull_messages = _held(fleet.pull_messages, hold, max_held, recheck, no_messages, lambda _: True, stores)
+    # Only a pull that names replies it waits for: an agent app's pull for instructions names none.
+    runtime.pull_messages = _held(runtime.pull_messages, hold, max_held, recheck, no_messages,
+                                  lambda request: len(request.message_ids) > 0, stores)

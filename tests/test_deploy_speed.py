@@ -196,6 +196,8 @@ def test_the_superlink_holds_an_empty_pull_until_a_message_is_stored(api: str) -
 
     import flwr.superlink.servicer.fleet.fleet_handlers as fleet
     import flwr.superlink.servicer.runtime.runtime_handlers as runtime
+    from flwr.server.superlink.linkstate.in_memory_linkstate import InMemoryLinkState
+    from flwr.server.superlink.linkstate.sql_linkstate import SqlLinkState
 
     from common.deploy_waits import hold_empty_pulls
 
@@ -206,10 +208,16 @@ def test_the_superlink_holds_an_empty_pull_until_a_message_is_stored(api: str) -
         calls[0] += 1
         return SimpleNamespace(messages_list=["message"] if time.monotonic() >= stored_at[0] else [])
 
+    def fake_store(self, message):  # noqa: ANN001, ANN202 - the link state storing a message
+        stored_at[0] = time.monotonic()
+
     handlers = fleet if api == "fleet" else runtime
     request = SimpleNamespace(message_ids=["m1"])  # the replies a ServerApp waits for; a SuperNode names none
     saved = fleet.pull_messages, runtime.pull_messages
+    saved_stores = {(state, name): getattr(state, name) for state in (InMemoryLinkState, SqlLinkState)
+                    for name in ("store_message_ins", "store_message_res")}
     fleet.pull_messages = runtime.pull_messages = fake_pull
+    InMemoryLinkState.store_message_ins = InMemoryLinkState.store_message_res = fake_store
     try:
         hold_empty_pulls(hold=0.5, max_held=1, recheck=0.01)
         hold_empty_pulls(hold=9.0)  # not wrapped twice
@@ -235,12 +243,25 @@ def test_the_superlink_holds_an_empty_pull_until_a_message_is_stored(api: str) -
         holder.join()
         assert calls[0] > before + 5  # the held pull asked the state again meanwhile
 
+        # A store wakes a held pull at once, long before its next recheck (10 s here).
+        fleet.pull_messages = runtime.pull_messages = fake_pull
+        stored_at[0] = float("inf")
+        hold_empty_pulls(hold=20.0, max_held=1, recheck=10.0)
+        store = "store_message_ins" if api == "fleet" else "store_message_res"
+        threading.Timer(0.2, getattr(InMemoryLinkState, store), args=(None, "message")).start()
+        started = time.monotonic()
+        assert partial(handlers.pull_messages, request=request, state=None, store=None)().messages_list == ["message"]
+        assert 0.15 < time.monotonic() - started < 1.0
+
         if api == "runtime":  # an agent app's pull for instructions names no replies: answered at once
+            stored_at[0] = float("inf")
             started = time.monotonic()
             assert handlers.pull_messages(SimpleNamespace(message_ids=[]), None, None).messages_list == []
             assert time.monotonic() - started < 0.1
     finally:
         fleet.pull_messages, runtime.pull_messages = saved
+        for (state, name), method in saved_stores.items():
+            setattr(state, name, method)
 
 
 class _HeldGrid:

@@ -26,10 +26,10 @@ Held pulls. A SuperNode's pull that finds no message used to come back at once, 
 and every node sent 5 TLS requests a second, each signed by the node and checked by the SuperLink. fedpriv's
 SuperLink now holds an empty pull up to PULL_HOLD s and answers as soon as a message for that node is stored
 (long polling: Flower's own handler asked again, inside the SuperLink's process, each time its link state
-stores a message, and at least every HOLD_RECHECK s). At most
-MAX_HELD_PULLS are held at once, so the Fleet API's worker threads (40) always have room for pushes and objects;
-a pull beyond that is answered at once, as before. Flower's SuperNode times a pull out after 30 s. The
-ServerApp's pulls for its messages' replies (the runtime API) are held alike, and its round loop
+stores a message, and at least every HOLD_RECHECK s). At most MAX_HELD_PULLS are held at once, so the
+SuperLink's worker threads (40, shared by its Fleet, runtime and Control APIs) keep room for pushes, objects
+and heartbeats; a pull beyond that is answered at once, as before. Flower's SuperNode times a pull out after
+30 s. The ServerApp's pulls for its messages' replies (the runtime API) are held alike, and its round loop
 (server/rounds.py) then pulls again at once instead of sleeping its own 0.2 s poll.
 
 This module imports no torch (nor anything of fedpriv's): the SuperNode process imports it too.
@@ -181,11 +181,10 @@ class Stores:
             self._moved.wait_for(lambda: self._count != seen, timeout=max(0.0, timeout))
 
 
-def _held(pull, hold: float, max_held: int, recheck: float, empty, wanted, stores: Stores):  # noqa: ANN001, ANN202 - Flower's handlers, passed through
+def _held(pull, hold: float, slots: threading.BoundedSemaphore, recheck: float, empty, wanted, stores: Stores):  # noqa: ANN001, ANN202 - Flower's handlers, passed through
     """`pull` that asks again whenever a message is stored (or every `recheck` s), up to `hold` s, while its
-    response is `empty` (and the request `wanted` anything): at most `max_held` calls wait at once, the rest
-    answer at once, as before."""
-    slots = threading.BoundedSemaphore(max_held)
+    response is `empty` (and the request `wanted` anything): only as many calls wait at once as `slots`
+    allows, the rest answer at once, as before."""
 
     def held_pull(request, *args, **kwargs):  # noqa: ANN001, ANN202
         seen = stores.count()  # before the pull: a store while it runs is not missed
@@ -238,7 +237,10 @@ def hold_empty_pulls(hold: float = PULL_HOLD, max_held: int = MAX_HELD_PULLS, re
     def no_messages(response) -> bool:  # noqa: ANN001
         return not response.messages_list
 
-    fleet.pull_messages = _held(fleet.pull_messages, hold, max_held, recheck, no_messages, lambda _: True, stores)
+    # One cap for both APIs: the SuperLink serves them (and the Control API) from one FastAPI app, whose
+    # synchronous handlers share one pool of 40 threads.
+    slots = threading.BoundedSemaphore(max_held)
+    fleet.pull_messages = _held(fleet.pull_messages, hold, slots, recheck, no_messages, lambda _: True, stores)
     # Only a pull that names replies it waits for: an agent app's pull for instructions names none.
-    runtime.pull_messages = _held(runtime.pull_messages, hold, max_held, recheck, no_messages,
+    runtime.pull_messages = _held(runtime.pull_messages, hold, slots, recheck, no_messages,
                                   lambda request: len(request.message_ids) > 0, stores)

@@ -212,7 +212,6 @@ def _signalling(store, stores: Stores):  # noqa: ANN001, ANN202 - a LinkState's 
         finally:
             stores.stored()
 
-    signalled.signals = True  # type: ignore[attr-defined]
     return signalled
 
 

@@ -222,9 +222,10 @@ def loud_insecure_warning() -> None:
           f"--certs.\n{bar}", file=sys.stderr, flush=True)
 
 
-# flower-superlink whose Fleet API holds a SuperNode's empty pull until a message for it is stored (up to 1 s;
-# common/deploy_waits.py), instead of answering at once and being asked again 0.2 s later. Run with `python -c`
-# so that the SuperLink does not import torch through fedpriv's packages.
+# flower-superlink that holds an empty pull until a message for it is stored (up to 1 s; common/deploy_waits.py):
+# a SuperNode's pull for its next message and the ServerApp's pull for replies, instead of answering at once and
+# being asked again 0.2 s later. Run with `python -c` so that the SuperLink does not import torch through
+# fedpriv's packages.
 HOLDING_SUPERLINK = """
 import sys
 from flwr.superlink.cli import flower_superlink
